@@ -1,0 +1,177 @@
+"""Typed configurations of search.py and augment.py, their command lines and their checks.
+
+Each config is a dataclass; its command line is generated from the fields (type, default and
+help), so a flag cannot drift from the value it sets. ``--help`` prints every default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from preproc import DATASETS
+
+T = TypeVar("T", bound="BaseConfig")
+
+
+class ConfigError(ValueError):
+    """An impossible setting; the message is one line, shown to the user as is."""
+
+
+def _arg(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class BaseConfig:
+    name: str = _arg("", "name of the run; results go to <folder>/<name>/", required=True)
+    dataset: str = _arg("", "data set: " + " | ".join(DATASETS), required=True,
+                        choices=DATASETS)
+    data_path: str = _arg("./data/", "where the data set lives (or is downloaded to)")
+    device: str = _arg("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    gpus: str = _arg("0", "GPU ids to use: comma list or 'all' (the first is used)")
+    seed: int = _arg(2, "random seed")
+    workers: int = _arg(4, "data-loader worker processes")
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def parser(cls, description: str) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=description,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            help_ = meta.pop("help")
+            flag = "--" + f.name
+            if f.type in ("bool", bool):
+                p.add_argument(flag, action="store_true", help=help_)
+            else:
+                typ = {"int": int, "float": float, "str": str}[str(f.type)]
+                kwargs = {} if meta.get("required") else {"default": f.default}
+                p.add_argument(flag, type=typ, help=help_, **kwargs, **meta)
+        return p
+
+    @classmethod
+    def from_argv(cls: type[T], argv: list[str] | None = None) -> T:
+        args = cls.parser(cls.__doc__ or "").parse_args(argv)
+        cfg = cls(**vars(args))
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def __str__(self) -> str:
+        width = max(len(k) for k in self.to_dict())
+        return "\n".join(f"  {k.upper():<{width}} = {v}" for k, v in self.to_dict().items())
+
+    # ---------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise ConfigError on settings that cannot work, before anything is written."""
+        if not self.name or os.sep in self.name or self.name in (".", ".."):
+            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        _positive(self, "batch_size", "epochs", "layers", "init_channels")
+        if self.layers < 3:  # type: ignore[attr-defined]
+            raise ConfigError(f"--layers must be >= 3 to hold the two reduction cells, "
+                              f"got {self.layers}")  # type: ignore[attr-defined]
+        if self.init_channels % 2:  # type: ignore[attr-defined]
+            raise ConfigError(
+                f"--init_channels must be even (FactorizedReduce splits the channels in two), "
+                f"got {self.init_channels}")  # type: ignore[attr-defined]
+        self.gpu_ids()
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or
+                (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+    def gpu_ids(self) -> list[int] | None:
+        """The ids of --gpus, or None for 'all'."""
+        if self.gpus.strip() == "all":
+            return None
+        try:
+            ids = [int(g) for g in self.gpus.split(",")]
+        except ValueError:
+            raise ConfigError(f"--gpus must be a comma list of GPU ids or 'all', "
+                              f"got {self.gpus!r}") from None
+        if any(i < 0 for i in ids):
+            raise ConfigError(f"--gpus ids must be >= 0, got {self.gpus!r}")
+        return ids
+
+
+def _positive(cfg: BaseConfig, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v <= 0:
+            raise ConfigError(f"--{n} must be positive, got {v}")
+
+
+@dataclass
+class SearchConfig(BaseConfig):
+    """DARTS search: train the supernet and the architecture, print the genotype."""
+
+    batch_size: int = _arg(64, "batch size")
+    w_lr: float = _arg(0.025, "learning rate of the weights (cosine schedule)")
+    w_lr_min: float = _arg(0.001, "final learning rate of the weights")
+    w_momentum: float = _arg(0.9, "SGD momentum of the weights")
+    w_weight_decay: float = _arg(3e-4, "weight decay of the weights")
+    w_grad_clip: float = _arg(5.0, "gradient-norm clipping of the weights")
+    print_freq: int = _arg(50, "log every this many steps")
+    epochs: int = _arg(50, "number of search epochs")
+    init_channels: int = _arg(16, "channels of the first cell")
+    layers: int = _arg(8, "number of cells")
+    nodes: int = _arg(4, "intermediate nodes per cell")
+    alpha_lr: float = _arg(3e-4, "Adam learning rate of the alphas")
+    alpha_weight_decay: float = _arg(1e-3, "weight decay of the alphas")
+    first_order: bool = _arg(False, "first-order approximation (xi = 0) instead of second order")
+    train_portion: float = _arg(
+        0.5, "portion of the search data that trains the weights; the rest trains the alphas")
+    select_portion: float = _arg(
+        0.1, "portion of the training set held out (from both) to pick the best genotype; "
+             "0: use the paper's split and report the final genotype as the best")
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "nodes", "print_freq")
+        if not 0.0 < self.train_portion < 1.0:
+            raise ConfigError(f"--train_portion must be in (0, 1), got {self.train_portion}")
+        if not 0.0 <= self.select_portion < 1.0:
+            raise ConfigError(f"--select_portion must be in [0, 1), got {self.select_portion}")
+
+
+@dataclass
+class AugmentConfig(BaseConfig):
+    """DARTS augment: train the network of a genotype from scratch and report test accuracy."""
+
+    genotype: str = _arg("", "genotype string, published name (DARTS_V1, DARTS_V2) or the path "
+                             "of a genotype file", required=True)
+    batch_size: int = _arg(96, "batch size")
+    lr: float = _arg(0.025, "learning rate (cosine schedule to 0)")
+    momentum: float = _arg(0.9, "SGD momentum")
+    weight_decay: float = _arg(3e-4, "weight decay")
+    grad_clip: float = _arg(5.0, "gradient-norm clipping")
+    print_freq: int = _arg(200, "log every this many steps")
+    epochs: int = _arg(600, "number of training epochs")
+    init_channels: int = _arg(36, "channels of the first cell")
+    layers: int = _arg(20, "number of cells")
+    aux_weight: float = _arg(0.4, "weight of the auxiliary head's loss (0: no auxiliary head)")
+    cutout_length: int = _arg(16, "side of the Cutout square (0: no Cutout)")
+    drop_path_prob: float = _arg(0.2, "final drop-path probability (grows linearly from 0)")
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "print_freq")
+        if self.aux_weight < 0:
+            raise ConfigError(f"--aux_weight must be >= 0, got {self.aux_weight}")
+        if self.cutout_length < 0:
+            raise ConfigError(f"--cutout_length must be >= 0, got {self.cutout_length}")
+        if not 0.0 <= self.drop_path_prob < 1.0:
+            raise ConfigError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}")

@@ -1,0 +1,249 @@
+"""Genotypes: the discrete cells DARTS derives, their schema, parser and published examples.
+
+Schema (defined here once, used everywhere):
+
+* A cell has two input nodes, index 0 (output of cell k-2) and 1 (output of cell k-1), and
+  ``n_nodes`` intermediate nodes with indices 2 .. n_nodes + 1.
+* ``Genotype.normal`` / ``Genotype.reduce`` hold one list per intermediate node; each list holds
+  ``(op_name, input_index)`` pairs, with ``input_index`` < the node's own index.
+* ``normal_concat`` / ``reduce_concat`` are the node indices whose outputs are concatenated into
+  the cell output (``range(2, 6)`` in DARTS).
+
+Strings are parsed by :func:`from_str`, which walks the syntax tree of a restricted literal form;
+nothing the user writes is ever evaluated as Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections import namedtuple
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+
+# The eight operations of DARTS (paper, section 3.1). The order fixes the columns of the alphas.
+PRIMITIVES: list[str] = [
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",  # identity (FactorizedReduce at stride 2)
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "none",
+]
+
+N_INPUT_NODES = 2
+
+
+class GenotypeError(ValueError):
+    """A genotype that cannot be parsed or does not describe a valid cell (one-line message)."""
+
+
+def _concat(indices: Sequence[int]) -> range | list[int]:
+    """Canonical concat: ``range`` when contiguous (as DARTS prints it), else a list."""
+    idx = list(indices)
+    if idx and idx == list(range(idx[0], idx[-1] + 1)):
+        return range(idx[0], idx[-1] + 1)
+    return idx
+
+
+def parse(alpha: Sequence[torch.Tensor], k: int = 2) -> list[list[tuple[str, int]]]:
+    """Derive the discrete cell from the alphas of one cell type (paper, section 2.4).
+
+    ``alpha[i]`` has shape (2 + i, n_ops): one row per incoming edge of intermediate node i.
+    Each edge is scored by its largest *softmax* weight among the non-``none`` operations, the
+    top ``k`` edges are kept and each keeps that strongest op. (Ranking by raw alphas, as one
+    earlier implementation does, is wrong: softmax weights are what the supernet mixes.)
+    """
+    none_idx = PRIMITIVES.index("none")
+    gene = []
+    for edges in alpha:
+        weights = F.softmax(edges.detach().float(), dim=-1)
+        weights[:, none_idx] = -1.0  # never pick `none`
+        op_w, op_idx = weights.max(dim=-1)  # (n_edges,)
+        top = torch.topk(op_w, min(k, len(op_w))).indices.tolist()
+        gene.append([(PRIMITIVES[op_idx[e]], int(e)) for e in top])
+    return gene
+
+
+def to_str(genotype: Genotype) -> str:
+    """The nested one-line form the search prints and :func:`from_str` reads back."""
+    return repr(canonical(genotype))
+
+
+def canonical(genotype: Genotype) -> Genotype:
+    """Lists of lists of (str, int) tuples, concat as range when contiguous."""
+    return Genotype(
+        normal=[[(str(op), int(i)) for op, i in node] for node in genotype.normal],
+        normal_concat=_concat(genotype.normal_concat),
+        reduce=[[(str(op), int(i)) for op, i in node] for node in genotype.reduce],
+        reduce_concat=_concat(genotype.reduce_concat),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Strict parsing
+# --------------------------------------------------------------------------------------------
+_FIELDS = Genotype._fields
+
+
+def _bad(node: ast.AST, src: str, why: str) -> GenotypeError:
+    token = ast.get_source_segment(src, node) or type(node).__name__
+    if len(token) > 60:
+        token = token[:57] + "..."
+    return GenotypeError(f"{why}: {token!r}")
+
+
+def _literal_int(node: ast.AST, src: str) -> int:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    raise _bad(node, src, "expected an integer")
+
+
+def _pair(node: ast.AST, src: str) -> tuple[str, int]:
+    if not (isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) == 2):
+        raise _bad(node, src, "expected an (op, input) pair")
+    op_node, idx_node = node.elts
+    if not (isinstance(op_node, ast.Constant) and isinstance(op_node.value, str)):
+        raise _bad(op_node, src, "expected an op name in quotes")
+    return op_node.value, _literal_int(idx_node, src)
+
+
+def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
+    """Nested form (a list per node) or the authors' flat form (two pairs per node)."""
+    if not isinstance(node, (ast.List, ast.Tuple)) or not node.elts:
+        raise _bad(node, src, f"{field} must be a non-empty list")
+    nested = [isinstance(e, (ast.List, ast.Tuple)) and e.elts and
+              isinstance(e.elts[0], (ast.List, ast.Tuple)) for e in node.elts]
+    if all(nested):
+        return [[_pair(p, src) for p in n.elts] for n in node.elts]  # type: ignore[attr-defined]
+    if any(nested):
+        raise GenotypeError(f"{field} mixes the nested and the flat form")
+    pairs = [_pair(p, src) for p in node.elts]
+    if len(pairs) % 2:
+        raise GenotypeError(
+            f"wrong number of nodes: the flat form of {field} needs two pairs per node, "
+            f"got {len(pairs)} pairs")
+    return [pairs[i:i + 2] for i in range(0, len(pairs), 2)]
+
+
+def _concat_node(node: ast.AST, src: str, field: str) -> list[int]:
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range"
+            and not node.keywords and 1 <= len(node.args) <= 2):
+        bounds = [_literal_int(a, src) for a in node.args]
+        return list(range(*bounds))
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal_int(e, src) for e in node.elts]
+    raise _bad(node, src, f"{field} must be range(a, b) or a list of integers")
+
+
+def validate(genotype: Genotype) -> Genotype:
+    """Check ops, input indices and concat; return the canonical genotype."""
+    for field in ("normal", "reduce"):
+        nodes = getattr(genotype, field)
+        if not nodes:
+            raise GenotypeError(f"wrong number of nodes: {field} has no nodes")
+        for i, node in enumerate(nodes):
+            node_id = N_INPUT_NODES + i
+            if not node:
+                raise GenotypeError(f"{field} node {node_id} has no inputs")
+            for op, src in node:
+                if op not in PRIMITIVES:
+                    raise GenotypeError(
+                        f"unknown op {op!r} in {field} (known: {', '.join(PRIMITIVES[:-1])})")
+                if op == "none":
+                    raise GenotypeError(f"op 'none' cannot be an edge of a discrete {field} cell")
+                if not 0 <= src < node_id:
+                    raise GenotypeError(
+                        f"node index out of range: {field} node {node_id} takes input {src}, "
+                        f"which must be in 0..{node_id - 1}")
+        concat = list(getattr(genotype, field + "_concat"))
+        last = N_INPUT_NODES + len(nodes) - 1
+        if not concat or len(set(concat)) != len(concat) or not all(
+                N_INPUT_NODES <= c <= last for c in concat):
+            raise GenotypeError(
+                f"{field}_concat {concat} does not fit a cell with {len(nodes)} nodes "
+                f"(indices must be distinct and in {N_INPUT_NODES}..{last})")
+    return canonical(genotype)
+
+
+def from_str(s: str) -> Genotype:
+    """Parse ``Genotype(normal=..., normal_concat=..., reduce=..., reduce_concat=...)``.
+
+    Accepts the nested form the search prints and the authors' flat form, or a published name
+    (``DARTS_V1``, ``DARTS_V2``, ``DARTS``). Raises :class:`GenotypeError` naming the bad token.
+    """
+    s = s.strip()
+    if s in NAMED:
+        return NAMED[s]
+    try:
+        tree = ast.parse(s, mode="eval").body
+    except SyntaxError as e:
+        raise GenotypeError(f"not a genotype (syntax error at column {e.offset}): {s[:60]!r}")
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)
+            and tree.func.id == "Genotype"):
+        raise _bad(tree, s, "not a genotype (expected Genotype(normal=..., ...) or one of "
+                            f"{', '.join(NAMED)})")
+    if tree.args:
+        raise _bad(tree.args[0], s, "use keyword arguments normal=, normal_concat=, ...")
+    given = {kw.arg: kw.value for kw in tree.keywords}
+    unknown = [k for k in given if k not in _FIELDS]
+    missing = [k for k in _FIELDS if k not in given]
+    if unknown or None in given:
+        raise GenotypeError(f"unknown Genotype field {unknown[0] if unknown else '**'!r}")
+    if missing:
+        raise GenotypeError(f"Genotype is missing {', '.join(missing)}")
+    g = Genotype(
+        normal=_cell(given["normal"], s, "normal"),
+        normal_concat=_concat_node(given["normal_concat"], s, "normal_concat"),
+        reduce=_cell(given["reduce"], s, "reduce"),
+        reduce_concat=_concat_node(given["reduce_concat"], s, "reduce_concat"),
+    )
+    return validate(g)
+
+
+def load(arg: str) -> Genotype:
+    """``--genotype`` value: a published name, the path of a genotype file, or a string."""
+    if arg.strip() in NAMED:
+        return NAMED[arg.strip()]
+    if os.path.isfile(arg):
+        try:
+            with open(arg) as f:
+                text = f.read()
+        except OSError as e:
+            raise GenotypeError(f"cannot read genotype file {arg}: {e.strerror}")
+        try:
+            return from_str(text)
+        except GenotypeError as e:
+            raise GenotypeError(f"{arg}: {e}")
+    return from_str(arg)
+
+
+# --------------------------------------------------------------------------------------------
+# Published cells (the authors' flat form, as in the paper's code release)
+# --------------------------------------------------------------------------------------------
+_PUBLISHED = {
+    "DARTS_V1": "Genotype(normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0), "
+                "('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 1), "
+                "('sep_conv_3x3', 0), ('skip_connect', 2)], normal_concat=[2, 3, 4, 5], "
+                "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+                "('max_pool_3x3', 0), ('max_pool_3x3', 0), ('skip_connect', 2), "
+                "('skip_connect', 2), ('avg_pool_3x3', 0)], reduce_concat=[2, 3, 4, 5])",
+    "DARTS_V2": "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), "
+                "('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0), "
+                "('skip_connect', 0), ('dil_conv_3x3', 2)], normal_concat=[2, 3, 4, 5], "
+                "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+                "('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2), "
+                "('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])",
+}
+NAMED: dict[str, Genotype] = {}
+NAMED.update({name: from_str(s) for name, s in _PUBLISHED.items()})
+NAMED["DARTS"] = NAMED["DARTS_V2"]
+DARTS_V1 = NAMED["DARTS_V1"]
+DARTS_V2 = NAMED["DARTS_V2"]
+DARTS = DARTS_V2

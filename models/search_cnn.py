@@ -1,0 +1,151 @@
+"""The DARTS supernet (paper, section 2.1-2.2) and its controller.
+
+``SearchCNN`` holds the weights w; ``SearchCNNController`` adds the architecture parameters
+alpha and is what the search scripts and the Architect talk to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import genotypes as gt
+from models.ops import FactorizedReduce, MixedOp, StdConv
+
+
+def reduction_layers(n_layers: int) -> tuple[int, int]:
+    """Indices of the two reduction cells: at 1/3 and 2/3 of the depth."""
+    return n_layers // 3, 2 * n_layers // 3
+
+
+class SearchCell(nn.Module):
+    """A cell of MixedOp edges. Node i (0-based, intermediate) takes every earlier node."""
+
+    def __init__(self, n_nodes: int, C_pp: int, C_p: int, C: int, reduction_p: bool,
+                 reduction: bool) -> None:
+        super().__init__()
+        self.reduction = reduction
+        # s0 comes from two cells back: if the previous cell reduced, s0 is twice as large.
+        self.preproc0 = (FactorizedReduce(C_pp, C, affine=False) if reduction_p
+                         else StdConv(C_pp, C, 1, 1, 0, affine=False))
+        self.preproc1 = StdConv(C_p, C, 1, 1, 0, affine=False)
+        self.dag = nn.ModuleList()
+        for i in range(n_nodes):
+            # Edges leaving the two input nodes carry the stride of a reduction cell.
+            self.dag.append(nn.ModuleList(
+                MixedOp(C, 2 if reduction and j < gt.N_INPUT_NODES else 1)
+                for j in range(gt.N_INPUT_NODES + i)))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor,
+                w_dag: list[torch.Tensor]) -> torch.Tensor:
+        """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights.
+        Returns (N, n_nodes * C, H', W')."""
+        states = [self.preproc0(s0), self.preproc1(s1)]
+        for edges, w_list in zip(self.dag, w_dag):
+            node = sum(edge(s, w) for edge, s, w in zip(edges, states, w_list))
+            states.append(node)  # type: ignore[arg-type]
+        return torch.cat(states[gt.N_INPUT_NODES:], dim=1)
+
+
+class SearchCNN(nn.Module):
+    """Stem - n_layers cells - global average pooling - linear. Weights only, no alphas."""
+
+    def __init__(self, C_in: int, C: int, n_classes: int, n_layers: int, n_nodes: int = 4,
+                 stem_multiplier: int = 3) -> None:
+        super().__init__()
+        C_stem = stem_multiplier * C
+        self.stem = nn.Sequential(
+            nn.Conv2d(C_in, C_stem, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(C_stem),  # the only affine BN of the supernet
+        )
+        C_pp, C_p, C_cur = C_stem, C_stem, C
+        self.cells = nn.ModuleList()
+        reduction_p = False
+        for i in range(n_layers):
+            reduction = i in reduction_layers(n_layers)
+            if reduction:
+                C_cur *= 2
+            self.cells.append(SearchCell(n_nodes, C_pp, C_p, C_cur, reduction_p, reduction))
+            reduction_p = reduction
+            C_pp, C_p = C_p, C_cur * n_nodes
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(C_p, n_classes)
+
+    def forward(self, x: torch.Tensor, weights_normal: list[torch.Tensor],
+                weights_reduce: list[torch.Tensor]) -> torch.Tensor:
+        """x: (N, C_in, H, W) -> logits (N, n_classes)."""
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            weights = weights_reduce if cell.reduction else weights_normal
+            s0, s1 = s1, cell(s0, s1, weights)
+        return self.linear(self.gap(s1).flatten(1))
+
+
+class SearchCNNController(nn.Module):
+    """Supernet plus architecture parameters: the one object search.py and Architect use.
+
+    Every parameter is either a weight (``weights()``: those of ``self.net``) or an alpha
+    (``alphas()``: ``alpha_normal.i`` / ``alpha_reduce.i``, one (2 + i, n_ops) tensor per node).
+    """
+
+    def __init__(self, C_in: int, C: int, n_classes: int, n_layers: int,
+                 criterion: nn.Module, n_nodes: int = 4, stem_multiplier: int = 3) -> None:
+        super().__init__()
+        self.n_nodes = n_nodes
+        self.criterion = criterion
+        n_ops = len(gt.PRIMITIVES)
+        # alpha init 1e-3 * N(0, 1) (paper's code release).
+        self.alpha_normal = nn.ParameterList(
+            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes))
+        self.alpha_reduce = nn.ParameterList(
+            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes))
+        self.net = SearchCNN(C_in, C, n_classes, n_layers, n_nodes, stem_multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights_normal = [F.softmax(a, dim=-1) for a in self.alpha_normal]
+        weights_reduce = [F.softmax(a, dim=-1) for a in self.alpha_reduce]
+        return self.net(x, weights_normal, weights_reduce)
+
+    def loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self(X), y)
+
+    def genotype(self) -> gt.Genotype:
+        concat = range(gt.N_INPUT_NODES, gt.N_INPUT_NODES + self.n_nodes)
+        return gt.Genotype(normal=gt.parse(self.alpha_normal, k=2), normal_concat=concat,
+                           reduce=gt.parse(self.alpha_reduce, k=2), reduce_concat=concat)
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        return self.net.parameters()
+
+    def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.net.named_parameters(prefix="net")
+
+    def alphas(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_alphas():
+            yield p
+
+    def named_alphas(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for n, p in self.named_parameters():
+            if "alpha" in n:
+                yield n, p
+
+    @contextlib.contextmanager
+    def alphas_frozen(self) -> Iterator[None]:
+        """Within the block the alphas take no gradient (the weight step needs none)."""
+        alphas = list(self.alphas())
+        for a in alphas:
+            a.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for a in alphas:
+                a.requires_grad_(True)
+
+    def softmax_alphas(self) -> dict[str, list[torch.Tensor]]:
+        """The mixing weights, per cell type: {'normal': [(2 + i, n_ops)], 'reduce': [...]}."""
+        return {"normal": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_normal],
+                "reduce": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_reduce]}

@@ -1,0 +1,390 @@
+"""Datasets and transforms for DARTS search and evaluation.
+
+Supported datasets: CIFAR-10, MNIST, Fashion-MNIST (through torchvision, read from
+``data_path``) and scikit-learn's 8x8 ``digits`` (ships with scikit-learn, works offline).
+Every dataset yields ``(float32 tensor (C, H, W), normalised; int label)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+DATASETS = ("cifar10", "mnist", "fashionmnist", "digits")
+
+
+class DataError(Exception):
+    """Bad dataset name or missing data. str(e) is ONE line, meant to be shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static shape information about a dataset."""
+
+    input_size: int  # H == W
+    input_channels: int
+    n_classes: int
+
+
+_INFO = {
+    "cifar10": DatasetInfo(32, 3, 10),
+    "mnist": DatasetInfo(28, 1, 10),
+    "fashionmnist": DatasetInfo(28, 1, 10),
+    "digits": DatasetInfo(8, 1, 10),
+}
+
+# Per-channel (mean, std) of the training images scaled to [0, 1] (project reference sheet).
+_NORM = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashionmnist": ((0.2860,), (0.3530,)),
+}
+
+_TV_CLASSES: dict[str, type[tv_datasets.VisionDataset]] = {
+    "cifar10": tv_datasets.CIFAR10,
+    "mnist": tv_datasets.MNIST,
+    "fashionmnist": tv_datasets.FashionMNIST,
+}
+
+# Seconds allowed to open a TCP connection to the download host before giving up; keeps an
+# offline machine from hanging on urllib's default (no) timeout.
+_PROBE_TIMEOUT = 3.0
+# Per-socket-operation timeout while actually downloading (a stalled transfer aborts).
+_DOWNLOAD_TIMEOUT = 60.0
+
+# digits: fraction held out as the test split and the seed of its fixed stratified split.
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+def _check_name(name: str) -> str:
+    if name not in _INFO:
+        raise DataError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
+    return name
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Input size, channels and number of classes of dataset `name`."""
+    return _INFO[_check_name(name)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutout
+# ---------------------------------------------------------------------------------------------
+
+
+def cutout_at(img: torch.Tensor, y: int, x: int, length: int) -> torch.Tensor:
+    """Return a copy of (C,H,W) `img` with a `length`-sided square centred at (y, x) zeroed.
+
+    The square spans rows [y - length//2, y - length//2 + length), clipped to the image.
+    """
+    h, w = img.shape[-2], img.shape[-1]
+    y1, x1 = y - length // 2, x - length // 2
+    y2, x2 = y1 + length, x1 + length
+    y1, x1 = max(0, y1), max(0, x1)
+    y2, x2 = min(h, y2), min(w, x2)
+    out = img.clone()  # never modify the caller's tensor in place
+    if y2 > y1 and x2 > x1:
+        out[..., y1:y2, x1:x2] = 0.0
+    return out
+
+
+class Cutout:
+    """Zero one square of side `length` centred at a uniformly random pixel (DeVries & Taylor).
+
+    Uses torch's RNG so that ``torch.manual_seed`` (and DataLoader worker seeding) makes it
+    reproducible. Meant to run after Normalize, so the square becomes the dataset mean.
+    """
+
+    def __init__(self, length: int) -> None:
+        if length <= 0:
+            raise ValueError(f"Cutout length must be positive, got {length}")
+        self.length = int(length)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2], img.shape[-1]
+        y = int(torch.randint(h, (1,)).item())
+        x = int(torch.randint(w, (1,)).item())
+        return cutout_at(img, y, x, self.length)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(length={self.length})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+
+def _augmentation(name: str) -> list[Callable]:
+    """Training-only augmentations, applied before ToTensor (PIL) or on [0,1] tensors (digits)."""
+    if name == "cifar10":
+        return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    mnist_like = T.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=0.1)
+    if name == "mnist":
+        return [mnist_like]
+    if name == "fashionmnist":
+        return [mnist_like, T.RandomVerticalFlip()]
+    # digits are tiny (8x8): a shift of at most one pixel is already a strong perturbation.
+    return [T.RandomCrop(8, padding=1)]
+
+
+def _build_transform(
+    name: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool,
+    cutout_length: int,
+    to_tensor: bool,
+) -> T.Compose:
+    steps: list[Callable] = []
+    if augment:
+        steps += _augmentation(name)
+    if to_tensor:
+        steps.append(T.ToTensor())
+    steps.append(T.Normalize(mean, std))
+    if augment and cutout_length > 0:
+        steps.append(Cutout(cutout_length))
+    return T.Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision datasets (CIFAR-10, MNIST, Fashion-MNIST)
+# ---------------------------------------------------------------------------------------------
+
+
+def _expected_names(name: str) -> tuple[str, list[str]]:
+    """(folder relative to data_path, file names) that torchvision 0.29 requires to exist."""
+    cls = _TV_CLASSES[name]
+    if name == "cifar10":
+        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return cls.base_folder, names
+    # MNIST._check_exists looks for the *uncompressed* IDX files in <root>/<ClassName>/raw.
+    return os.path.join(cls.__name__, "raw"), [os.path.splitext(f)[0] for f, _ in cls.resources]
+
+
+def _expected_files(name: str, data_path: str) -> str:
+    """One-line description of the expected files, e.g. '<root>/cifar-10-batches-py/{a,b}'."""
+    folder, names = _expected_names(name)
+    if name == "cifar10":  # abbreviate the five training batches
+        names = ["data_batch_1..5"] + names[5:]
+    return os.path.join(data_path, folder, "{" + ",".join(names) + "}")
+
+
+def _files_missing(name: str, data_path: str) -> bool:
+    folder, names = _expected_names(name)
+    return not all(os.path.isfile(os.path.join(data_path, folder, f)) for f in names)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _data_error(name: str, data_path: str, problem: str) -> DataError:
+    return DataError(
+        f"{name} {problem}: expected {_expected_files(name, data_path)}; download it on a "
+        f"machine with internet (e.g. torchvision.datasets.{_TV_CLASSES[name].__name__}"
+        f"(root, download=True)) and copy it there, or pass --data_path pointing to it"
+    )
+
+
+def _download_urls(name: str) -> list[str]:
+    cls = _TV_CLASSES[name]
+    if name == "cifar10":
+        return [cls.url]
+    return [m + cls.resources[0][0] for m in cls.mirrors]
+
+
+def _local_archives_present(name: str, data_path: str) -> bool:
+    """True if torchvision's download() would find its archives locally (no network needed)."""
+    cls = _TV_CLASSES[name]
+    if name == "cifar10":
+        return os.path.isfile(os.path.join(data_path, cls.filename))
+    raw = os.path.join(data_path, cls.__name__, "raw")
+    return all(os.path.isfile(os.path.join(raw, f)) for f, _ in cls.resources)
+
+
+def _host_reachable(url: str, timeout: float = _PROBE_TIMEOUT) -> bool:
+    """Quick TCP connect to the host of `url`.
+
+    torchvision's downloader calls urllib without a timeout, which on a firewalled machine can
+    block for minutes; this probe fails in at most `timeout` seconds (instantly when DNS fails).
+    """
+    parts = urlparse(url)
+    if not parts.hostname:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_torchvision(
+    name: str, data_path: str, train: bool, transform: Callable, download: bool
+) -> Dataset:
+    cls = _TV_CLASSES[name]
+    try:
+        # First without download: never touch the network when the files are already there.
+        return cls(root=data_path, train=train, transform=transform, download=False)
+    except Exception as e:  # torchvision raises RuntimeError, or OSError/ValueError on bad files
+        first_error = e
+    where = f"'{data_path}'"
+    if not _files_missing(name, data_path):
+        # All files exist, so torchvision failed on their content (md5 mismatch, truncation).
+        raise _data_error(
+            name, data_path, f"data in {where} is corrupted ({_one_line(first_error)})"
+        ) from first_error
+    if not download:
+        raise _data_error(
+            name, data_path, f"data not found in {where} (download disabled)"
+        ) from first_error
+
+    if not _local_archives_present(name, data_path):
+        if not any(_host_reachable(u) for u in _download_urls(name)):
+            raise _data_error(
+                name, data_path, f"data not found in {where} and no network to download it"
+            ) from first_error
+    old_timeout = socket.getdefaulttimeout()
+    # urllib in torchvision has no timeout argument; bound stalls via the default timeout.
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT)
+    try:
+        return cls(root=data_path, train=train, transform=transform, download=True)
+    except Exception as e:  # RuntimeError, URLError, OSError, tarfile errors, ...
+        raise _data_error(
+            name, data_path, f"data not found in {where} and download failed ({_one_line(e)})"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn digits
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DigitsData:
+    images: torch.Tensor  # (N, 1, 8, 8) float32 in [0, 1]
+    labels: torch.Tensor  # (N,) int64
+    train_idx: torch.Tensor
+    test_idx: torch.Tensor
+    mean: float  # of the training split, in [0, 1] units
+    std: float
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
+    """Fixed per-class split; its own RandomState keeps it independent of the global RNG."""
+    rng = np.random.RandomState(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(test_fraction * len(idx)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_data() -> _DigitsData:
+    from sklearn.datasets import load_digits  # local import: only needed for this dataset
+
+    raw = load_digits()
+    images = torch.from_numpy(raw.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(raw.target.astype(np.int64))
+    train_idx, test_idx = _stratified_split(raw.target, _DIGITS_TEST_FRACTION, _DIGITS_SPLIT_SEED)
+    # Normalisation statistics come from the training split only (no test leakage); computed
+    # here rather than hard-coded because it is deterministic and costs microseconds.
+    train_pixels = images[torch.from_numpy(train_idx)]
+    return _DigitsData(
+        images=images,
+        labels=labels,
+        train_idx=torch.from_numpy(train_idx),
+        test_idx=torch.from_numpy(test_idx),
+        mean=float(train_pixels.mean()),
+        std=float(train_pixels.std()),
+    )
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits as (1,8,8) tensors; the transform is applied per item.
+
+    Holds only tensors and a torchvision Compose, so it pickles for DataLoader workers.
+    """
+
+    def __init__(self, train: bool, transform: Callable | None = None) -> None:
+        d = _digits_data()
+        idx = d.train_idx if train else d.test_idx
+        self.train = train
+        self.data = d.images[idx].clone()
+        self.targets = d.labels[idx].clone()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.data[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+def digits_normalization() -> tuple[float, float]:
+    """(mean, std) of the digits training split in [0, 1] units, used to normalise digits."""
+    d = _digits_data()
+    return d.mean, d.std
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def get_dataset(
+    name: str,
+    data_path: str,
+    train: bool,
+    augment: bool = False,
+    cutout_length: int = 0,
+    download: bool = True,
+) -> Dataset:
+    """Training (train=True) or test split of `name`, yielding (normalised float CHW, label).
+
+    augment=True adds the training augmentation (and Cutout when cutout_length > 0).
+    Raises DataError (one-line message) for an unknown name or missing/unreadable files.
+    `data_path` is ignored for digits.
+    """
+    _check_name(name)
+    if name == "digits":
+        mean, std = digits_normalization()
+        tf = _build_transform(name, (mean,), (std,), augment, cutout_length, to_tensor=False)
+        return DigitsDataset(train=train, transform=tf)
+    mean_t, std_t = _NORM[name]
+    tf = _build_transform(name, mean_t, std_t, augment, cutout_length, to_tensor=True)
+    return _load_torchvision(name, os.path.expanduser(str(data_path)), train, tf, download)
+
+
+def get_targets(dataset: Dataset) -> torch.Tensor:
+    """Labels of `dataset` as a LongTensor, read from `.targets` without loading any image.
+
+    Works for the datasets returned by get_dataset and for (nested) torch Subsets of them.
+    """
+    if isinstance(dataset, Subset):
+        parent = get_targets(dataset.dataset)
+        return parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(f"{type(dataset).__name__} has no 'targets' attribute")
+    return torch.as_tensor(targets, dtype=torch.long).clone()

@@ -1,0 +1,269 @@
+"""DARTS augment: train the network of a genotype from scratch, report its test accuracy.
+
+    python augment.py --name cifar10 --dataset cifar10 --genotype DARTS_V2
+    python augment.py --name mine --dataset mnist --genotype searchs/mnist/genotype.txt
+    python augment.py --name s --dataset cifar10 --genotype "Genotype(normal=[...], ...)"
+
+Trains on the full training set and evaluates on the test set after every epoch (DARTS.md,
+section 3: there is no validation split here, and the log says "test"). Writes
+augments/<name>/: augment.log, config.json, tb/ (tensorboard), checkpoint.pth.tar (every
+epoch) and best.pth.tar (whenever the test top-1 improves).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import genotypes as gt
+import utils
+from config import AugmentConfig, ConfigError
+from models.augment_cnn import AugmentCNN
+from preproc import DataError, dataset_info, get_dataset
+
+RUN_ROOT = "augments"
+
+
+def train_step(
+    model: AugmentCNN,
+    optimizer: torch.optim.Optimizer,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    aux_weight: float,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch (DARTS.md, section 2).
+
+    loss = CE(logits, y) + aux_weight * CE(aux_logits, y) (the second term only when the model
+    returns auxiliary logits, i.e. it has the head and is in training mode); gradient-norm
+    clipping at ``grad_clip``. Returns the (detached) total loss and the main logits.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    logits, aux_logits = model(X)
+    loss = F.cross_entropy(logits, y)
+    if aux_logits is not None and aux_weight > 0:
+        loss = loss + aux_weight * F.cross_entropy(aux_logits, y)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def drop_path_schedule(final_p: float, epoch: int, epochs: int) -> float:
+    """Drop-path probability of (1-based) ``epoch``: ``final_p * (epoch - 1) / epochs``.
+
+    Grows linearly from 0 in the first epoch (DARTS.md, section 2) and reaches
+    ``final_p * (epochs - 1) / epochs`` in the last; the authors' code does the same with
+    0-based epochs (``p * epoch / epochs``).
+    """
+    return final_p * (epoch - 1) / epochs
+
+
+def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader]:
+    """Full training set (augmentation + Cutout), shuffled by a generator seeded with the seed;
+    the test set in order."""
+    train_data = get_dataset(
+        cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
+    )
+    test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # A last training batch of one sample would make the auxiliary head's BN (1x1 maps) fail.
+    drop_last = len(train_data) % cfg.batch_size == 1  # type: ignore[arg-type]
+    train_loader = DataLoader(
+        train_data,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=cfg.workers,
+        pin_memory=pin,
+        persistent_workers=cfg.workers > 0,
+        drop_last=drop_last,
+    )
+    test_loader = DataLoader(
+        test_data,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        pin_memory=pin,
+        persistent_workers=cfg.workers > 0,
+    )
+    return train_loader, test_loader
+
+
+def train_epoch(
+    cfg: AugmentConfig,
+    model: AugmentCNN,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    device: torch.device,
+    logger,
+    writer,
+    global_step: int,
+    last_good: str | None,
+) -> tuple[dict, int]:
+    model.train()
+    meters = utils.Meters()
+    aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
+    n_steps = len(loader)
+    for step, (X, y) in enumerate(loader):
+        X = X.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        loss, logits = train_step(model, optimizer, X, y, aux_weight, cfg.grad_clip)
+        if not torch.isfinite(loss):
+            raise utils.NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch} step {step}; last good checkpoint: "
+                f"{last_good or 'none yet'}"
+            )
+        meters.update(loss, logits, y)
+        global_step += 1
+        writer.add_scalar("train/loss", loss.item(), global_step)
+        if step % cfg.print_freq == 0 or step == n_steps - 1:
+            logger.info(
+                f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} {meters}"
+            )
+    return meters.summary(), global_step
+
+
+def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
+    """Train and evaluate; returns (final, best) test top-1 in [0, 1]."""
+    device = utils.resolve_device(cfg)
+    info = dataset_info(cfg.dataset)
+    # Data and settings are checked before the run folder is made: bad input writes nothing.
+    train_loader, test_loader = make_loaders(cfg, pin=device.type == "cuda")
+    run_dir = utils.make_run_dir(os.path.join(RUN_ROOT, cfg.name))
+    logger = utils.get_logger(os.path.join(run_dir, "augment.log"), "darts.augment")
+    logger.info(f"Augment on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
+    logger.info(f"Genotype = {gt.to_str(genotype)}")
+    cfg.save(os.path.join(run_dir, "config.json"))
+    utils.set_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if cfg.cutout_length >= info.input_size:
+        logger.warning(
+            f"WARNING: --cutout_length {cfg.cutout_length} is not smaller than the "
+            f"{info.input_size}x{info.input_size} images of {cfg.dataset}: Cutout can "
+            f"blank whole training images (try --cutout_length "
+            f"{info.input_size // 2} or 0)"
+        )
+    model = AugmentCNN(
+        info.input_size,
+        info.input_channels,
+        cfg.init_channels,
+        info.n_classes,
+        cfg.layers,
+        cfg.aux_weight > 0,
+        genotype,
+    ).to(device)
+    n_params = utils.count_parameters(model, exclude="aux_head")
+    aux_note = (
+        f"auxiliary head {utils.count_parameters(model) - n_params:,} more, on "
+        f"{model.aux_head.spatial}x{model.aux_head.spatial} maps"
+        if model.aux_head is not None
+        else "no auxiliary head (--aux_weight 0)"
+    )
+    logger.info(
+        f"Model: {n_params:,} parameters = {n_params / 1e6:.2f}M without the auxiliary "
+        f"head; {aux_note}"
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=0.0)
+    criterion = nn.CrossEntropyLoss()
+
+    from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
+
+    writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+    ckpt_path = os.path.join(run_dir, "checkpoint.pth.tar")
+    best_path = os.path.join(run_dir, "best.pth.tar")
+    best_top1, best_epoch, global_step, last_good = -1.0, 0, 0, None
+    test: dict[str, float] = {}
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.time()
+            lr = scheduler.get_last_lr()[0]
+            drop_p = drop_path_schedule(cfg.drop_path_prob, epoch, cfg.epochs)
+            model.drop_path_prob(drop_p)
+            logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
+            train, global_step = train_epoch(
+                cfg,
+                model,
+                train_loader,
+                optimizer,
+                epoch,
+                device,
+                logger,
+                writer,
+                global_step,
+                last_good,
+            )
+            scheduler.step()
+            test = utils.evaluate(model, test_loader, device, criterion)
+            is_best = test["top1"] > best_top1
+            if is_best:
+                best_top1, best_epoch = test["top1"], epoch
+            logger.info(
+                f"Test: [{epoch:3d}/{cfg.epochs}] loss {test['loss']:.3f} "
+                f"top1 {test['top1']:.2%} top5 {test['top5']:.2%} "
+                f"(best top1 {best_top1:.2%} at epoch {best_epoch})"
+            )
+            scalars = {
+                "train/loss_epoch": train["loss"],
+                "train/top1": train["top1"],
+                "train/top5": train["top5"],
+                "test/loss": test["loss"],
+                "test/top1": test["top1"],
+                "test/top5": test["top5"],
+                "lr": lr,
+                "drop_path_prob": drop_p,
+            }
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, epoch)
+
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_top1": best_top1,
+                "genotype": gt.to_str(genotype),
+                "config": cfg.to_dict(),
+            }
+            utils.save_checkpoint(state, ckpt_path)
+            last_good = ckpt_path
+            if is_best:
+                utils.save_checkpoint(state, best_path)
+            logger.info(f"Epoch {epoch} done in {time.time() - t0:.1f}s")
+    finally:
+        writer.close()
+
+    logger.info(
+        f"Done: final test top1 {test['top1']:.2%}, best {best_top1:.2%} at epoch "
+        f"{best_epoch}; checkpoints in {run_dir}"
+    )
+    print(f"Final test top1 = {test['top1']:.2%}")
+    print(f"Best test top1 = {best_top1:.2%}")
+    return test["top1"], best_top1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = AugmentConfig.from_argv(argv)
+        genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
+        run(cfg, genotype)
+    except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
+        print(f"augment.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,8 +31,9 @@ class Architect:
         self.w_weight_decay = w_weight_decay
 
     # ----------------------------------------------------------------------------------------
-    def _loss(self, params: dict[str, torch.Tensor], X: torch.Tensor,
-              y: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, params: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """Loss of the network with some of its parameters replaced by ``params``."""
         return self.net.criterion(functional_call(self.net, params, (X,)), y)
 
@@ -57,9 +58,15 @@ class Architect:
         self._restore(snapshot)
         return loss.detach()
 
-    def unrolled_backward(self, trn_X: torch.Tensor, trn_y: torch.Tensor, val_X: torch.Tensor,
-                          val_y: torch.Tensor, xi: float,
-                          w_optim: torch.optim.Optimizer) -> torch.Tensor:
+    def unrolled_backward(
+        self,
+        trn_X: torch.Tensor,
+        trn_y: torch.Tensor,
+        val_X: torch.Tensor,
+        val_y: torch.Tensor,
+        xi: float,
+        w_optim: torch.optim.Optimizer,
+    ) -> torch.Tensor:
         """Set ``alpha.grad`` to the second-order DARTS gradient; return the validation loss
         L_val(w', alpha). ``xi`` is the current weight learning rate; ``w_optim`` the SGD
         optimizer of the weights, whose momentum buffers enter the virtual step."""
@@ -83,7 +90,7 @@ class Architect:
         # 2. dalpha = grad_alpha L_val(w', alpha), dw' = grad_w' L_val(w', alpha).
         val_loss = self._loss(dict(zip(names, w_virtual)), val_X, val_y)
         grads = torch.autograd.grad(val_loss, alphas + w_virtual)
-        dalpha, dw = grads[:len(alphas)], grads[len(alphas):]
+        dalpha, dw = grads[: len(alphas)], grads[len(alphas) :]
         del w_virtual, grads
 
         # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw by central differences.
@@ -94,13 +101,23 @@ class Architect:
         self._restore(snapshot)
         return val_loss.detach()
 
-    def _hessian_vector_product(self, names: tuple[str, ...], weights: tuple[nn.Parameter, ...],
-                                alphas: list[nn.Parameter], dw: tuple[torch.Tensor, ...],
-                                trn_X: torch.Tensor, trn_y: torch.Tensor) -> list[torch.Tensor]:
+    def _hessian_vector_product(
+        self,
+        names: tuple[str, ...],
+        weights: tuple[nn.Parameter, ...],
+        alphas: list[nn.Parameter],
+        dw: tuple[torch.Tensor, ...],
+        trn_X: torch.Tensor,
+        trn_y: torch.Tensor,
+    ) -> list[torch.Tensor]:
         # eps = 0.01 / ||dw|| (paper, footnote to eq. 8). The weights at w +- eps * dw are
         # plain tensors: no weight gradient is computed in these two passes, only alpha's.
-        eps = 0.01 / torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(d) for d in dw])).item()
+        eps = (
+            0.01
+            / torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(d) for d in dw])
+            ).item()
+        )
         grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():

@@ -29,19 +29,25 @@ def _arg(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class BaseConfig:
     name: str = _arg("", "name of the run; results go to <folder>/<name>/", required=True)
-    dataset: str = _arg("", "data set: " + " | ".join(DATASETS), required=True,
-                        choices=DATASETS)
+    dataset: str = _arg("", "data set: " + " | ".join(DATASETS), required=True)
     data_path: str = _arg("./data/", "where the data set lives (or is downloaded to)")
     device: str = _arg("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     gpus: str = _arg("0", "GPU ids to use: comma list or 'all' (the first is used)")
     seed: int = _arg(2, "random seed")
     workers: int = _arg(4, "data-loader worker processes")
+    # Declared here for the shared checks; each script sets its own defaults below.
+    batch_size: int = _arg(64, "batch size")
+    epochs: int = _arg(50, "number of epochs")
+    init_channels: int = _arg(16, "channels of the first cell")
+    layers: int = _arg(8, "number of cells")
+    print_freq: int = _arg(50, "log every this many steps")
 
     # ---------------------------------------------------------------------------------------
     @classmethod
     def parser(cls, description: str) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=description,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = argparse.ArgumentParser(
+            description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
             help_ = meta.pop("help")
@@ -50,7 +56,7 @@ class BaseConfig:
                 p.add_argument(flag, action="store_true", help=help_)
             else:
                 typ = {"int": int, "float": float, "str": str}[str(f.type)]
-                kwargs = {} if meta.get("required") else {"default": f.default}
+                kwargs: dict[str, Any] = {} if meta.get("required") else {"default": f.default}
                 p.add_argument(flag, type=typ, help=help_, **kwargs, **meta)
         return p
 
@@ -77,20 +83,25 @@ class BaseConfig:
         """Raise ConfigError on settings that cannot work, before anything is written."""
         if not self.name or os.sep in self.name or self.name in (".", ".."):
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})"
+            )
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        _positive(self, "batch_size", "epochs", "layers", "init_channels")
-        if self.layers < 3:  # type: ignore[attr-defined]
-            raise ConfigError(f"--layers must be >= 3 to hold the two reduction cells, "
-                              f"got {self.layers}")  # type: ignore[attr-defined]
-        if self.init_channels % 2:  # type: ignore[attr-defined]
+        _positive(self, "batch_size", "epochs", "layers", "init_channels", "print_freq")
+        if self.layers < 3:
+            raise ConfigError(
+                f"--layers must be >= 3 to hold the two reduction cells, got {self.layers}"
+            )
+        if self.init_channels % 2:
             raise ConfigError(
                 f"--init_channels must be even (FactorizedReduce splits the channels in two), "
-                f"got {self.init_channels}")  # type: ignore[attr-defined]
+                f"got {self.init_channels}"
+            )
         self.gpu_ids()
         dev = self.device
-        if not (dev in ("auto", "cpu", "cuda") or
-                (dev.startswith("cuda:") and dev[5:].isdigit())):
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
 
     def gpu_ids(self) -> list[int] | None:
@@ -100,8 +111,9 @@ class BaseConfig:
         try:
             ids = [int(g) for g in self.gpus.split(",")]
         except ValueError:
-            raise ConfigError(f"--gpus must be a comma list of GPU ids or 'all', "
-                              f"got {self.gpus!r}") from None
+            raise ConfigError(
+                f"--gpus must be a comma list of GPU ids or 'all', got {self.gpus!r}"
+            ) from None
         if any(i < 0 for i in ids):
             raise ConfigError(f"--gpus ids must be >= 0, got {self.gpus!r}")
         return ids
@@ -133,14 +145,17 @@ class SearchConfig(BaseConfig):
     alpha_weight_decay: float = _arg(1e-3, "weight decay of the alphas")
     first_order: bool = _arg(False, "first-order approximation (xi = 0) instead of second order")
     train_portion: float = _arg(
-        0.5, "portion of the search data that trains the weights; the rest trains the alphas")
+        0.5, "portion of the search data that trains the weights; the rest trains the alphas"
+    )
     select_portion: float = _arg(
-        0.1, "portion of the training set held out (from both) to pick the best genotype; "
-             "0: use the paper's split and report the final genotype as the best")
+        0.1,
+        "portion of the training set held out (from both) to pick the best genotype; "
+        "0: use the paper's split and report the final genotype as the best",
+    )
 
     def check(self) -> None:
         super().check()
-        _positive(self, "nodes", "print_freq")
+        _positive(self, "nodes")
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must be in (0, 1), got {self.train_portion}")
         if not 0.0 <= self.select_portion < 1.0:
@@ -151,8 +166,11 @@ class SearchConfig(BaseConfig):
 class AugmentConfig(BaseConfig):
     """DARTS augment: train the network of a genotype from scratch and report test accuracy."""
 
-    genotype: str = _arg("", "genotype string, published name (DARTS_V1, DARTS_V2) or the path "
-                             "of a genotype file", required=True)
+    genotype: str = _arg(
+        "",
+        "genotype string, published name (DARTS_V1, DARTS_V2) or the path of a genotype file",
+        required=True,
+    )
     batch_size: int = _arg(96, "batch size")
     lr: float = _arg(0.025, "learning rate (cosine schedule to 0)")
     momentum: float = _arg(0.9, "SGD momentum")
@@ -168,7 +186,6 @@ class AugmentConfig(BaseConfig):
 
     def check(self) -> None:
         super().check()
-        _positive(self, "print_freq")
         if self.aux_weight < 0:
             raise ConfigError(f"--aux_weight must be >= 0, got {self.aux_weight}")
         if self.cutout_length < 0:

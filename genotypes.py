@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import os
 from collections import namedtuple
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ def _concat(indices: Sequence[int]) -> range | list[int]:
     return idx
 
 
-def parse(alpha: Sequence[torch.Tensor], k: int = 2) -> list[list[tuple[str, int]]]:
+def parse(alpha: Iterable[torch.Tensor], k: int = 2) -> list[list[tuple[str, int]]]:
     """Derive the discrete cell from the alphas of one cell type (paper, section 2.4).
 
     ``alpha[i]`` has shape (2 + i, n_ops): one row per incoming edge of intermediate node i.
@@ -118,8 +118,12 @@ def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
     """Nested form (a list per node) or the authors' flat form (two pairs per node)."""
     if not isinstance(node, (ast.List, ast.Tuple)) or not node.elts:
         raise _bad(node, src, f"{field} must be a non-empty list")
-    nested = [isinstance(e, (ast.List, ast.Tuple)) and e.elts and
-              isinstance(e.elts[0], (ast.List, ast.Tuple)) for e in node.elts]
+    nested = [
+        isinstance(e, (ast.List, ast.Tuple))
+        and e.elts
+        and isinstance(e.elts[0], (ast.List, ast.Tuple))
+        for e in node.elts
+    ]
     if all(nested):
         return [[_pair(p, src) for p in n.elts] for n in node.elts]  # type: ignore[attr-defined]
     if any(nested):
@@ -128,13 +132,19 @@ def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
     if len(pairs) % 2:
         raise GenotypeError(
             f"wrong number of nodes: the flat form of {field} needs two pairs per node, "
-            f"got {len(pairs)} pairs")
-    return [pairs[i:i + 2] for i in range(0, len(pairs), 2)]
+            f"got {len(pairs)} pairs"
+        )
+    return [pairs[i : i + 2] for i in range(0, len(pairs), 2)]
 
 
 def _concat_node(node: ast.AST, src: str, field: str) -> list[int]:
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range"
-            and not node.keywords and 1 <= len(node.args) <= 2):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "range"
+        and not node.keywords
+        and 1 <= len(node.args) <= 2
+    ):
         bounds = [_literal_int(a, src) for a in node.args]
         return list(range(*bounds))
     if isinstance(node, (ast.List, ast.Tuple)):
@@ -155,20 +165,26 @@ def validate(genotype: Genotype) -> Genotype:
             for op, src in node:
                 if op not in PRIMITIVES:
                     raise GenotypeError(
-                        f"unknown op {op!r} in {field} (known: {', '.join(PRIMITIVES[:-1])})")
+                        f"unknown op {op!r} in {field} (known: {', '.join(PRIMITIVES[:-1])})"
+                    )
                 if op == "none":
                     raise GenotypeError(f"op 'none' cannot be an edge of a discrete {field} cell")
                 if not 0 <= src < node_id:
                     raise GenotypeError(
                         f"node index out of range: {field} node {node_id} takes input {src}, "
-                        f"which must be in 0..{node_id - 1}")
+                        f"which must be in 0..{node_id - 1}"
+                    )
         concat = list(getattr(genotype, field + "_concat"))
         last = N_INPUT_NODES + len(nodes) - 1
-        if not concat or len(set(concat)) != len(concat) or not all(
-                N_INPUT_NODES <= c <= last for c in concat):
+        if (
+            not concat
+            or len(set(concat)) != len(concat)
+            or not all(N_INPUT_NODES <= c <= last for c in concat)
+        ):
             raise GenotypeError(
                 f"{field}_concat {concat} does not fit a cell with {len(nodes)} nodes "
-                f"(indices must be distinct and in {N_INPUT_NODES}..{last})")
+                f"(indices must be distinct and in {N_INPUT_NODES}..{last})"
+            )
     return canonical(genotype)
 
 
@@ -184,11 +200,19 @@ def from_str(s: str) -> Genotype:
     try:
         tree = ast.parse(s, mode="eval").body
     except SyntaxError as e:
-        raise GenotypeError(f"not a genotype (syntax error at column {e.offset}): {s[:60]!r}")
-    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)
-            and tree.func.id == "Genotype"):
-        raise _bad(tree, s, "not a genotype (expected Genotype(normal=..., ...) or one of "
-                            f"{', '.join(NAMED)})")
+        raise GenotypeError(
+            f"not a genotype (syntax error at column {e.offset}): {s[:60]!r}"
+        ) from None
+    if not (
+        isinstance(tree, ast.Call)
+        and isinstance(tree.func, ast.Name)
+        and tree.func.id == "Genotype"
+    ):
+        raise _bad(
+            tree,
+            s,
+            f"not a genotype (expected Genotype(normal=..., ...) or one of {', '.join(NAMED)})",
+        )
     if tree.args:
         raise _bad(tree.args[0], s, "use keyword arguments normal=, normal_concat=, ...")
     given = {kw.arg: kw.value for kw in tree.keywords}
@@ -216,11 +240,11 @@ def load(arg: str) -> Genotype:
             with open(arg) as f:
                 text = f.read()
         except OSError as e:
-            raise GenotypeError(f"cannot read genotype file {arg}: {e.strerror}")
+            raise GenotypeError(f"cannot read genotype file {arg}: {e.strerror}") from None
         try:
             return from_str(text)
         except GenotypeError as e:
-            raise GenotypeError(f"{arg}: {e}")
+            raise GenotypeError(f"{arg}: {e}") from None
     return from_str(arg)
 
 
@@ -229,17 +253,17 @@ def load(arg: str) -> Genotype:
 # --------------------------------------------------------------------------------------------
 _PUBLISHED = {
     "DARTS_V1": "Genotype(normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0), "
-                "('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 1), "
-                "('sep_conv_3x3', 0), ('skip_connect', 2)], normal_concat=[2, 3, 4, 5], "
-                "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
-                "('max_pool_3x3', 0), ('max_pool_3x3', 0), ('skip_connect', 2), "
-                "('skip_connect', 2), ('avg_pool_3x3', 0)], reduce_concat=[2, 3, 4, 5])",
+    "('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 1), "
+    "('sep_conv_3x3', 0), ('skip_connect', 2)], normal_concat=[2, 3, 4, 5], "
+    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+    "('max_pool_3x3', 0), ('max_pool_3x3', 0), ('skip_connect', 2), "
+    "('skip_connect', 2), ('avg_pool_3x3', 0)], reduce_concat=[2, 3, 4, 5])",
     "DARTS_V2": "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), "
-                "('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0), "
-                "('skip_connect', 0), ('dil_conv_3x3', 2)], normal_concat=[2, 3, 4, 5], "
-                "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
-                "('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2), "
-                "('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])",
+    "('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0), "
+    "('skip_connect', 0), ('dil_conv_3x3', 2)], normal_concat=[2, 3, 4, 5], "
+    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+    "('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2), "
+    "('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])",
 }
 NAMED: dict[str, Genotype] = {}
 NAMED.update({name: from_str(s) for name, s in _PUBLISHED.items()})

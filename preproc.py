@@ -244,7 +244,7 @@ def _load_torchvision(
     if not _files_missing(name, data_path):
         # All files exist, so torchvision failed on their content (md5 mismatch, truncation).
         raise _data_error(
-            name, data_path, f"data in {where} is corrupted ({_one_line(first_error)})"
+            name, data_path, f"data in {where} is corrupted ({_one_line(str(first_error))})"
         ) from first_error
     if not download:
         raise _data_error(
@@ -263,7 +263,7 @@ def _load_torchvision(
         return cls(root=data_path, train=train, transform=transform, download=True)
     except Exception as e:  # RuntimeError, URLError, OSError, tarfile errors, ...
         raise _data_error(
-            name, data_path, f"data not found in {where} and download failed ({_one_line(e)})"
+            name, data_path, f"data not found in {where} and download failed ({_one_line(str(e))})"
         ) from e
     finally:
         socket.setdefaulttimeout(old_timeout)

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,14 +30,17 @@ from preproc import DataError, dataset_info, get_dataset
 RUN_ROOT = "searchs"
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-def search_step(model: SearchCNNController, architect: Architect,
-                w_optim: torch.optim.Optimizer, alpha_optim: torch.optim.Optimizer,
-                trn: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                lr: float, first_order: bool, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def search_step(
+    model: SearchCNNController,
+    architect: Architect,
+    w_optim: torch.optim.Optimizer,
+    alpha_optim: torch.optim.Optimizer,
+    trn: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    lr: float,
+    first_order: bool,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of DARTS' alternating optimisation (paper, Algorithm 1).
 
     1. architecture step on the validation batch (second order unless ``first_order``);
@@ -75,50 +78,77 @@ def make_loaders(cfg: SearchConfig, pin: bool) -> tuple[DataLoader, DataLoader, 
     n_w = int(cfg.train_portion * len(rest))
     w_idx, a_idx = rest[:n_w], rest[n_w:]
     if not w_idx or not a_idx:
-        raise ConfigError(f"the {cfg.dataset} training set ({n} images) is too small for "
-                          f"--train_portion {cfg.train_portion}")
+        raise ConfigError(
+            f"the {cfg.dataset} training set ({n} images) is too small for "
+            f"--train_portion {cfg.train_portion}"
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                  persistent_workers=cfg.workers > 0, generator=gen)
-    train_loader = DataLoader(train_data, sampler=SubsetRandomSampler(w_idx, generator=gen),
-                              **common)  # type: ignore[arg-type]
-    valid_loader = DataLoader(train_data, sampler=SubsetRandomSampler(a_idx, generator=gen),
-                              **common)  # type: ignore[arg-type]
+    common: dict[str, Any] = dict(
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=pin,
+        persistent_workers=cfg.workers > 0,
+        generator=gen,
+    )
+    train_loader = DataLoader(
+        train_data, sampler=SubsetRandomSampler(w_idx, generator=gen), **common
+    )
+    valid_loader = DataLoader(
+        train_data, sampler=SubsetRandomSampler(a_idx, generator=gen), **common
+    )
     select_loader = None
     if n_select:
         eval_data = get_dataset(cfg.dataset, cfg.data_path, train=True, augment=False)
-        select_loader = DataLoader(Subset(eval_data, perm[:n_select]), batch_size=cfg.batch_size,
-                                   num_workers=cfg.workers, pin_memory=pin)
+        select_loader = DataLoader(
+            Subset(eval_data, perm[:n_select]),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+        )
     return train_loader, valid_loader, select_loader
 
 
-def train_epoch(cfg: SearchConfig, model: SearchCNNController, architect: Architect,
-                loaders: tuple[Iterable, Iterable], w_optim: torch.optim.Optimizer,
-                alpha_optim: torch.optim.Optimizer, lr: float, epoch: int,
-                device: torch.device, logger, writer, global_step: int) -> tuple[dict, int]:
+def train_epoch(
+    cfg: SearchConfig,
+    model: SearchCNNController,
+    architect: Architect,
+    loaders: tuple[DataLoader, DataLoader],
+    w_optim: torch.optim.Optimizer,
+    alpha_optim: torch.optim.Optimizer,
+    lr: float,
+    epoch: int,
+    device: torch.device,
+    logger,
+    writer,
+    global_step: int,
+) -> tuple[dict, int]:
     model.train()
     meters = utils.Meters()
     train_loader, valid_loader = loaders
-    n_steps = min(len(train_loader), len(valid_loader))  # type: ignore[arg-type]
+    n_steps = min(len(train_loader), len(valid_loader))
     for step, (trn, val) in enumerate(zip(train_loader, valid_loader)):
         trn = tuple(t.to(device, non_blocking=True) for t in trn)
         val = tuple(t.to(device, non_blocking=True) for t in val)
-        loss, logits = search_step(model, architect, w_optim, alpha_optim, trn, val, lr,
-                                   cfg.first_order, cfg.w_grad_clip)
+        loss, logits = search_step(
+            model, architect, w_optim, alpha_optim, trn, val, lr, cfg.first_order, cfg.w_grad_clip
+        )
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch} step {step}")
+            raise utils.NonFiniteLossError(f"non-finite training loss at epoch {epoch} step {step}")
         meters.update(loss, logits, trn[1])
         global_step += 1
         writer.add_scalar("train/loss", loss.item(), global_step)
         if step % cfg.print_freq == 0 or step == n_steps - 1:
-            logger.info(f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} "
-                        f"{meters}")
+            logger.info(
+                f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} {meters}"
+            )
     return meters.summary(), global_step
 
 
 def run(cfg: SearchConfig) -> gt.Genotype:
     device = utils.resolve_device(cfg)
     info = dataset_info(cfg.dataset)
+    # Data and settings are checked before the run folder is made: bad input writes nothing.
+    train_loader, valid_loader, select_loader = make_loaders(cfg, pin=device.type == "cuda")
     run_dir = utils.make_run_dir(os.path.join(RUN_ROOT, cfg.name))
     logger = utils.get_logger(os.path.join(run_dir, "search.log"), "darts.search")
     logger.info(f"Search on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
@@ -127,17 +157,27 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_loader, valid_loader, select_loader = make_loaders(cfg, pin=device.type == "cuda")
-    model = SearchCNNController(info.input_channels, cfg.init_channels, info.n_classes,
-                                cfg.layers, nn.CrossEntropyLoss(), n_nodes=cfg.nodes).to(device)
-    logger.info(f"Supernet: {utils.count_parameters(model.net):,} weights, "
-                f"{utils.count_parameters(model, exclude='net.'):,} alphas")
-    w_optim = torch.optim.SGD(model.weights(), cfg.w_lr, momentum=cfg.w_momentum,
-                              weight_decay=cfg.w_weight_decay)
-    alpha_optim = torch.optim.Adam(model.alphas(), cfg.alpha_lr, betas=(0.5, 0.999),
-                                   weight_decay=cfg.alpha_weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optim, cfg.epochs,
-                                                           eta_min=cfg.w_lr_min)
+    model = SearchCNNController(
+        info.input_channels,
+        cfg.init_channels,
+        info.n_classes,
+        cfg.layers,
+        nn.CrossEntropyLoss(),
+        n_nodes=cfg.nodes,
+    ).to(device)
+    logger.info(
+        f"Supernet: {utils.count_parameters(model.net):,} weights, "
+        f"{utils.count_parameters(model, exclude='net.'):,} alphas"
+    )
+    w_optim = torch.optim.SGD(
+        model.weights(), cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
+    )
+    alpha_optim = torch.optim.Adam(
+        model.alphas(), cfg.alpha_lr, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        w_optim, cfg.epochs, eta_min=cfg.w_lr_min
+    )
     architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay)
 
     from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
@@ -147,44 +187,73 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
     can_plot = visualize.dot_available()
     if not can_plot:
-        logger.warning("WARNING: graphviz's `dot` was not found: cell plots are skipped "
-                       "(apt-get install graphviz to get them)")
+        logger.warning(
+            "WARNING: graphviz's `dot` was not found: cell plots are skipped "
+            "(apt-get install graphviz to get them)"
+        )
     history: list[str] = []
     best_top1, best_genotype, global_step = -1.0, None, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
-        lr = scheduler.get_last_lr()[0]
-        train, global_step = train_epoch(cfg, model, architect, (train_loader, valid_loader),
-                                         w_optim, alpha_optim, lr, epoch, device, logger,
-                                         writer, global_step)
+        lr = float(scheduler.get_last_lr()[0])
+        train, global_step = train_epoch(
+            cfg,
+            model,
+            architect,
+            (train_loader, valid_loader),
+            w_optim,
+            alpha_optim,
+            lr,
+            epoch,
+            device,
+            logger,
+            writer,
+            global_step,
+        )
         scheduler.step()
         genotype = model.genotype()
         history.append(gt.to_str(genotype))
         alphas = model.softmax_alphas()
-        logger.info(f"Epoch {epoch}: softmaxed alphas (rows: edges, columns: "
-                    f"{', '.join(gt.PRIMITIVES)})")
+        logger.info(
+            f"Epoch {epoch}: softmaxed alphas (rows: edges, columns: {', '.join(gt.PRIMITIVES)})"
+        )
         for kind in ("normal", "reduce"):
             for i, a in enumerate(alphas[kind]):
                 logger.info(f"  {kind} node {i + gt.N_INPUT_NODES}:\n{a.numpy().round(3)}")
         with open(os.path.join(run_dir, "alphas.jsonl"), "a") as f:
-            f.write(json.dumps({"epoch": epoch, **{k: [a.tolist() for a in v]
-                                                   for k, v in alphas.items()}}) + "\n")
+            f.write(
+                json.dumps(
+                    {"epoch": epoch, **{k: [a.tolist() for a in v] for k, v in alphas.items()}}
+                )
+                + "\n"
+            )
         with open(os.path.join(run_dir, "genotypes.txt"), "a") as f:
             f.write(f"epoch {epoch}: {history[-1]}\n")
         logger.info(f"Epoch {epoch}: genotype = {history[-1]}")
         if can_plot:
-            visualize.plot_genotype(genotype, os.path.join(run_dir, "plots"),
-                                    caption=f"Epoch {epoch}", prefix=f"epoch_{epoch:03d}-")
+            visualize.plot_genotype(
+                genotype,
+                os.path.join(run_dir, "plots"),
+                caption=f"Epoch {epoch}",
+                prefix=f"epoch_{epoch:03d}-",
+            )
 
-        scalars = {"train/loss_epoch": train["loss"], "train/top1": train["top1"],
-                   "train/top5": train["top5"], "lr": lr}
+        scalars = {
+            "train/loss_epoch": train["loss"],
+            "train/top1": train["top1"],
+            "train/top5": train["top5"],
+            "lr": lr,
+        }
         if select_loader is not None:
             held = utils.evaluate(model, select_loader, device, model.criterion)
-            scalars.update({"val/loss": held["loss"], "val/top1": held["top1"],
-                            "val/top5": held["top5"]})
-            logger.info(f"Held-out selection split: [{epoch:3d}/{cfg.epochs}] "
-                        f"loss {held['loss']:.3f} top1 {held['top1']:.2%} "
-                        f"top5 {held['top5']:.2%}")
+            scalars.update(
+                {"val/loss": held["loss"], "val/top1": held["top1"], "val/top5": held["top5"]}
+            )
+            logger.info(
+                f"Held-out selection split: [{epoch:3d}/{cfg.epochs}] "
+                f"loss {held['loss']:.3f} top1 {held['top1']:.2%} "
+                f"top5 {held['top5']:.2%}"
+            )
             if held["top1"] > best_top1:
                 best_top1, best_genotype = held["top1"], genotype
         else:
@@ -192,13 +261,21 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         for k, v in scalars.items():
             writer.add_scalar(k, v, epoch)
 
-        utils.save_checkpoint({
-            "model": model.state_dict(), "w_optim": w_optim.state_dict(),
-            "alpha_optim": alpha_optim.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "global_step": global_step, "best_top1": best_top1,
-            "best_genotype": gt.to_str(best_genotype) if best_genotype else None,
-            "genotypes": history, "config": cfg.to_dict(),
-        }, os.path.join(run_dir, "checkpoint.pth.tar"))
+        utils.save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "w_optim": w_optim.state_dict(),
+                "alpha_optim": alpha_optim.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "best_top1": best_top1,
+                "best_genotype": gt.to_str(best_genotype) if best_genotype else None,
+                "genotypes": history,
+                "config": cfg.to_dict(),
+            },
+            os.path.join(run_dir, "checkpoint.pth.tar"),
+        )
         logger.info(f"Epoch {epoch} done in {time.time() - t0:.1f}s")
 
     writer.close()
@@ -208,10 +285,11 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     if select_loader is not None:
         logger.info(f"Best held-out top1 of the supernet = {best_top1:.2%}")
     else:
-        logger.info("No held-out selection split (--select_portion 0): the best genotype is "
-                    "the final one")
+        logger.info(
+            "No held-out selection split (--select_portion 0): the best genotype is the final one"
+        )
     print(f"Final genotype = {gt.to_str(final)}")
-    print(f"Best genotype = {gt.to_str(best_genotype)}")
+    print(f"Best genotype = {gt.to_str(best_genotype or final)}")
     logger.info(f"Final genotype written to {os.path.join(run_dir, 'genotype.txt')}")
     return final
 
@@ -220,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = SearchConfig.from_argv(argv)
         run(cfg)
-    except (ConfigError, DataError, gt.GenotypeError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
     return 0

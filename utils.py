@@ -33,8 +33,7 @@ def resolve_device(cfg: BaseConfig) -> torch.device:
     index = int(want[5:]) if want.startswith("cuda:") else (ids[0] if ids else 0)
     for i in [index] + (ids or []):
         if i >= n_gpu:
-            raise ConfigError(f"GPU {i} does not exist (this machine has {n_gpu}: "
-                              f"0..{n_gpu - 1})")
+            raise ConfigError(f"GPU {i} does not exist (this machine has {n_gpu}: 0..{n_gpu - 1})")
     return torch.device("cuda", index)
 
 
@@ -73,6 +72,10 @@ def get_logger(file_path: str, name: str) -> logging.Logger:
     return logger
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch, step and last checkpoint."""
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
@@ -92,14 +95,15 @@ class AverageMeter:
         return self.sum / max(self.count, 1)
 
 
-def accuracy(logits: torch.Tensor, target: torch.Tensor,
-             topk: Iterable[int] = (1, 5)) -> list[float]:
+def accuracy(
+    logits: torch.Tensor, target: torch.Tensor, topk: Iterable[int] = (1, 5)
+) -> list[float]:
     """Top-k accuracies in [0, 1]; k larger than the number of classes counts every sample."""
     topk = list(topk)
     maxk = min(max(topk), logits.size(1))
     pred = logits.topk(maxk, dim=1).indices  # (N, maxk)
     correct = pred.eq(target.view(-1, 1))
-    return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() for k in topk]
+    return [correct[:, : min(k, maxk)].any(dim=1).float().mean().item() for k in topk]
 
 
 class Meters:
@@ -119,13 +123,16 @@ class Meters:
         return {"loss": self.loss.avg, "top1": self.top1.avg, "top5": self.top5.avg}
 
     def __str__(self) -> str:
-        return (f"loss {self.loss.avg:.3f} top1 {self.top1.avg:.2%} "
-                f"top5 {self.top5.avg:.2%}")
+        return f"loss {self.loss.avg:.3f} top1 {self.top1.avg:.2%} top5 {self.top5.avg:.2%}"
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
     """Loss, top-1 and top-5 of ``model`` over ``loader`` in eval mode (search and augment)."""
     was_training = model.training
     model.eval()
@@ -142,8 +149,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 def count_parameters(module: nn.Module, exclude: str | None = None) -> int:
     """Number of parameters, leaving out those whose name contains ``exclude``."""
-    return sum(p.numel() for n, p in module.named_parameters()
-               if exclude is None or exclude not in n)
+    return sum(
+        p.numel() for n, p in module.named_parameters() if exclude is None or exclude not in n
+    )
 
 
 # --------------------------------------------------------------------------------------------

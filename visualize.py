@@ -24,8 +24,12 @@ def dot_available() -> bool:
     return shutil.which("dot") is not None
 
 
-def plot(cell: list[list[tuple[str, int]]], file_path: str, caption: str | None = None,
-         concat: list[int] | range | None = None) -> str:
+def plot(
+    cell: list[list[tuple[str, int]]],
+    file_path: str,
+    caption: str | None = None,
+    concat: list[int] | range | None = None,
+) -> str:
     """Render one cell (``Genotype.normal`` or ``.reduce``) to ``file_path + '.png'``; the
     graphviz source is kept at ``file_path``. Returns the PNG path."""
     import graphviz  # imported here: only plotting needs it
@@ -33,8 +37,16 @@ def plot(cell: list[list[tuple[str, int]]], file_path: str, caption: str | None 
     g = graphviz.Digraph(
         format="png",
         edge_attr={"fontsize": "20", "fontname": "times"},
-        node_attr={"style": "filled", "shape": "rect", "align": "center", "fontsize": "20",
-                   "height": "0.5", "width": "0.5", "penwidth": "2", "fontname": "times"},
+        node_attr={
+            "style": "filled",
+            "shape": "rect",
+            "align": "center",
+            "fontsize": "20",
+            "height": "0.5",
+            "width": "0.5",
+            "penwidth": "2",
+            "fontname": "times",
+        },
         engine="dot",
     )
     g.body.extend(["rankdir=LR"])
@@ -60,18 +72,31 @@ def plot(cell: list[list[tuple[str, int]]], file_path: str, caption: str | None 
     return g.render(file_path, view=False)
 
 
-def plot_genotype(genotype: gt.Genotype, out_dir: str, caption: str | None = None,
-                  prefix: str = "") -> list[str]:
+def plot_genotype(
+    genotype: gt.Genotype, out_dir: str, caption: str | None = None, prefix: str = ""
+) -> list[str]:
     """Both cells of a genotype: ``<out_dir>/<prefix>normal.png`` and ``...reduce.png``."""
-    return [plot(genotype.normal, os.path.join(out_dir, prefix + "normal"), caption,
-                 genotype.normal_concat),
-            plot(genotype.reduce, os.path.join(out_dir, prefix + "reduce"), caption,
-                 genotype.reduce_concat)]
+    return [
+        plot(
+            genotype.normal,
+            os.path.join(out_dir, prefix + "normal"),
+            caption,
+            genotype.normal_concat,
+        ),
+        plot(
+            genotype.reduce,
+            os.path.join(out_dir, prefix + "reduce"),
+            caption,
+            genotype.reduce_concat,
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Draw the cells of a genotype with graphviz.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Draw the cells of a genotype with graphviz.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("genotype", help="genotype string, published name or genotype file")
     p.add_argument("--out", default=".", help="output folder")
     args = p.parse_args(argv)
@@ -81,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visualize.py: error: {e}", file=sys.stderr)
         return 2
     if not dot_available():
-        print("visualize.py: error: graphviz's `dot` is not installed "
-              "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz)",
-              file=sys.stderr)
+        print(
+            "visualize.py: error: graphviz's `dot` is not installed "
+            "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz)",
+            file=sys.stderr,
+        )
         return 2
     try:
         for path in plot_genotype(genotype, args.out):

@@ -16,10 +16,12 @@ from genotypes import PRIMITIVES
 OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "none": lambda C, stride, affine: Zero(stride),
     "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
-        3, stride=stride, padding=1, count_include_pad=False),
+        3, stride=stride, padding=1, count_include_pad=False
+    ),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, affine: (
-        nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)),
+        nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
+    ),
     "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
     "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
     "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
@@ -31,8 +33,15 @@ assert set(OPS) == set(PRIMITIVES), "OPS and genotypes.PRIMITIVES must name the 
 class StdConv(nn.Sequential):
     """ReLU - Conv - BN: the preprocessing of cell inputs."""
 
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True) -> None:
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        affine: bool = True,
+    ) -> None:
         super().__init__(
             nn.ReLU(),
             nn.Conv2d(C_in, C_out, kernel_size, stride, padding, bias=False),
@@ -43,12 +52,21 @@ class StdConv(nn.Sequential):
 class DilConv(nn.Sequential):
     """ReLU - (dilated) depthwise conv - pointwise conv - BN."""
 
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 dilation: int, affine: bool = True) -> None:
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        affine: bool = True,
+    ) -> None:
         super().__init__(
             nn.ReLU(),
-            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in,
-                      bias=False),
+            nn.Conv2d(
+                C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False
+            ),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -57,8 +75,15 @@ class DilConv(nn.Sequential):
 class SepConv(nn.Sequential):
     """Separable conv: the DilConv block (dilation 1) twice, the first with the edge's stride."""
 
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True) -> None:
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        affine: bool = True,
+    ) -> None:
         super().__init__(
             DilConv(C_in, C_in, kernel_size, stride, padding, dilation=1, affine=affine),
             DilConv(C_in, C_out, kernel_size, 1, padding, dilation=1, affine=affine),
@@ -93,7 +118,7 @@ class Zero(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, ::self.stride, ::self.stride].mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
 class MixedOp(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -25,37 +26,52 @@ def reduction_layers(n_layers: int) -> tuple[int, int]:
 class SearchCell(nn.Module):
     """A cell of MixedOp edges. Node i (0-based, intermediate) takes every earlier node."""
 
-    def __init__(self, n_nodes: int, C_pp: int, C_p: int, C: int, reduction_p: bool,
-                 reduction: bool) -> None:
+    def __init__(
+        self, n_nodes: int, C_pp: int, C_p: int, C: int, reduction_p: bool, reduction: bool
+    ) -> None:
         super().__init__()
         self.reduction = reduction
         # s0 comes from two cells back: if the previous cell reduced, s0 is twice as large.
-        self.preproc0 = (FactorizedReduce(C_pp, C, affine=False) if reduction_p
-                         else StdConv(C_pp, C, 1, 1, 0, affine=False))
+        self.preproc0 = (
+            FactorizedReduce(C_pp, C, affine=False)
+            if reduction_p
+            else StdConv(C_pp, C, 1, 1, 0, affine=False)
+        )
         self.preproc1 = StdConv(C_p, C, 1, 1, 0, affine=False)
         self.dag = nn.ModuleList()
         for i in range(n_nodes):
             # Edges leaving the two input nodes carry the stride of a reduction cell.
-            self.dag.append(nn.ModuleList(
-                MixedOp(C, 2 if reduction and j < gt.N_INPUT_NODES else 1)
-                for j in range(gt.N_INPUT_NODES + i)))
+            self.dag.append(
+                nn.ModuleList(
+                    MixedOp(C, 2 if reduction and j < gt.N_INPUT_NODES else 1)
+                    for j in range(gt.N_INPUT_NODES + i)
+                )
+            )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor,
-                w_dag: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, s0: torch.Tensor, s1: torch.Tensor, w_dag: list[torch.Tensor]
+    ) -> torch.Tensor:
         """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights.
         Returns (N, n_nodes * C, H', W')."""
         states = [self.preproc0(s0), self.preproc1(s1)]
-        for edges, w_list in zip(self.dag, w_dag):
+        for edges, w_list in zip(cast(list[nn.ModuleList], self.dag), w_dag):
             node = sum(edge(s, w) for edge, s, w in zip(edges, states, w_list))
-            states.append(node)  # type: ignore[arg-type]
-        return torch.cat(states[gt.N_INPUT_NODES:], dim=1)
+            states.append(cast(torch.Tensor, node))
+        return torch.cat(states[gt.N_INPUT_NODES :], dim=1)
 
 
 class SearchCNN(nn.Module):
     """Stem - n_layers cells - global average pooling - linear. Weights only, no alphas."""
 
-    def __init__(self, C_in: int, C: int, n_classes: int, n_layers: int, n_nodes: int = 4,
-                 stem_multiplier: int = 3) -> None:
+    def __init__(
+        self,
+        C_in: int,
+        C: int,
+        n_classes: int,
+        n_layers: int,
+        n_nodes: int = 4,
+        stem_multiplier: int = 3,
+    ) -> None:
         super().__init__()
         C_stem = stem_multiplier * C
         self.stem = nn.Sequential(
@@ -75,8 +91,12 @@ class SearchCNN(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(C_p, n_classes)
 
-    def forward(self, x: torch.Tensor, weights_normal: list[torch.Tensor],
-                weights_reduce: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights_normal: list[torch.Tensor],
+        weights_reduce: list[torch.Tensor],
+    ) -> torch.Tensor:
         """x: (N, C_in, H, W) -> logits (N, n_classes)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
@@ -92,17 +112,27 @@ class SearchCNNController(nn.Module):
     (``alphas()``: ``alpha_normal.i`` / ``alpha_reduce.i``, one (2 + i, n_ops) tensor per node).
     """
 
-    def __init__(self, C_in: int, C: int, n_classes: int, n_layers: int,
-                 criterion: nn.Module, n_nodes: int = 4, stem_multiplier: int = 3) -> None:
+    def __init__(
+        self,
+        C_in: int,
+        C: int,
+        n_classes: int,
+        n_layers: int,
+        criterion: nn.Module,
+        n_nodes: int = 4,
+        stem_multiplier: int = 3,
+    ) -> None:
         super().__init__()
         self.n_nodes = n_nodes
         self.criterion = criterion
         n_ops = len(gt.PRIMITIVES)
         # alpha init 1e-3 * N(0, 1) (paper's code release).
         self.alpha_normal = nn.ParameterList(
-            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes))
+            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes)
+        )
         self.alpha_reduce = nn.ParameterList(
-            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes))
+            nn.Parameter(1e-3 * torch.randn(gt.N_INPUT_NODES + i, n_ops)) for i in range(n_nodes)
+        )
         self.net = SearchCNN(C_in, C, n_classes, n_layers, n_nodes, stem_multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +145,12 @@ class SearchCNNController(nn.Module):
 
     def genotype(self) -> gt.Genotype:
         concat = range(gt.N_INPUT_NODES, gt.N_INPUT_NODES + self.n_nodes)
-        return gt.Genotype(normal=gt.parse(self.alpha_normal, k=2), normal_concat=concat,
-                           reduce=gt.parse(self.alpha_reduce, k=2), reduce_concat=concat)
+        return gt.Genotype(
+            normal=gt.parse(self.alpha_normal, k=2),
+            normal_concat=concat,
+            reduce=gt.parse(self.alpha_reduce, k=2),
+            reduce_concat=concat,
+        )
 
     def weights(self) -> Iterator[nn.Parameter]:
         return self.net.parameters()
@@ -147,5 +181,7 @@ class SearchCNNController(nn.Module):
 
     def softmax_alphas(self) -> dict[str, list[torch.Tensor]]:
         """The mixing weights, per cell type: {'normal': [(2 + i, n_ops)], 'reduce': [...]}."""
-        return {"normal": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_normal],
-                "reduce": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_reduce]}
+        return {
+            "normal": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_normal],
+            "reduce": [F.softmax(a.detach(), dim=-1).cpu() for a in self.alpha_reduce],
+        }

@@ -1,0 +1,38 @@
+"""Shared fixtures: the repository root, fake data sets in their real on-disk formats."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from datasets_fakes import allow_fake_cifar10, write_fake_cifar10, write_fake_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_dot = pytest.mark.skipif(
+    shutil.which("dot") is None,
+    reason="graphviz's `dot` binary is not installed (make setup installs it with apt-get)",
+)
+
+
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    """A data folder holding tiny CIFAR-10, MNIST and Fashion-MNIST files; returns its path."""
+    root = tmp_path / "data"
+    write_fake_cifar10(str(root), n_train=40, n_test=10)
+    write_fake_mnist(str(root), n_train=40, n_test=10)
+    write_fake_mnist(str(root), n_train=40, n_test=10, folder="FashionMNIST")
+    allow_fake_cifar10(monkeypatch)  # torchvision checks the md5 of the real CIFAR files
+    return str(root)
+
+
+def run_script(script, *args, cwd, timeout=600):
+    """Run one of the project's scripts as a user would, from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,164 @@
+"""search.py end to end: what a user runs and what it promises to write."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import needs_dot, run_script
+
+import genotypes as gt
+import search
+
+TINY = ["--layers", "3", "--init_channels", "4", "--workers", "0"]
+
+
+@pytest.mark.slow
+@needs_dot
+def test_search_cli_on_digits_writes_everything(tmp_path):
+    res = run_script(
+        "search.py",
+        "--name",
+        "demo",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "64",
+        "--print_freq",
+        "5",
+        *TINY,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "searchs" / "demo"
+    final = [ln for ln in res.stdout.splitlines() if ln.startswith("Final genotype = ")]
+    best = [ln for ln in res.stdout.splitlines() if ln.startswith("Best genotype = ")]
+    assert len(final) == 1 and len(best) == 1
+    g_final = gt.from_str(final[0].split(" = ", 1)[1])
+    assert gt.from_str(best[0].split(" = ", 1)[1]).normal  # parses
+    assert gt.load(str(run / "genotype.txt")) == g_final
+
+    log = (run / "search.log").read_text()
+    assert "Held-out selection split" in log and "Train: [  2/2]" in log
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+
+    alphas = [json.loads(ln) for ln in (run / "alphas.jsonl").read_text().splitlines()]
+    assert [a["epoch"] for a in alphas] == [1, 2]
+    for kind in ("normal", "reduce"):
+        assert [len(node) for node in alphas[-1][kind]] == [2, 3, 4, 5]
+        for node in alphas[-1][kind]:
+            for row in node:
+                assert abs(sum(row) - 1.0) < 1e-5  # softmaxed
+    history = (run / "genotypes.txt").read_text().splitlines()
+    assert len(history) == 2 and history[1] == f"epoch 2: {gt.to_str(g_final)}"
+    for epoch in (1, 2):
+        for kind in ("normal", "reduce"):
+            png = run / "plots" / f"epoch_{epoch:03d}-{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = torch.load(run / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["genotypes"][-1] == gt.to_str(g_final)
+    assert "alpha_normal.0" in ckpt["model"] and "net.stem.0.weight" in ckpt["model"]
+    for key in ("w_optim", "alpha_optim", "scheduler", "config", "best_top1"):
+        assert key in ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist", "fashionmnist"])
+def test_search_runs_on_every_torchvision_dataset(
+    dataset, fake_data, tmp_path, monkeypatch, capsys
+):
+    import visualize
+
+    monkeypatch.chdir(tmp_path)
+    # Without graphviz's `dot` the search goes on, with one warning.
+    monkeypatch.setattr(visualize, "dot_available", lambda: False)
+    code = search.main(
+        [
+            "--name",
+            dataset,
+            "--dataset",
+            dataset,
+            "--data_path",
+            fake_data,
+            "--epochs",
+            "1",
+            "--batch_size",
+            "8",
+            "--first_order",
+            *TINY,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "plots are skipped" in out
+    assert "Final genotype = Genotype(" in out
+    assert (tmp_path / "searchs" / dataset / "genotype.txt").exists()
+    assert not (tmp_path / "searchs" / dataset / "plots").exists()
+
+
+def test_help_prints_every_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        search.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag, default in [
+        ("--batch_size", "64"),
+        ("--w_lr", "0.025"),
+        ("--w_lr_min", "0.001"),
+        ("--alpha_lr", "0.0003"),
+        ("--alpha_weight_decay", "0.001"),
+        ("--epochs", "50"),
+        ("--init_channels", "16"),
+        ("--layers", "8"),
+        ("--seed", "2"),
+        ("--workers", "4"),
+        ("--train_portion", "0.5"),
+        ("--data_path", "./data/"),
+        ("--device", "auto"),
+    ]:
+        assert flag in out
+        assert (
+            f"(default: {default})"
+            in out.split(flag, 1)[1].split("--", 1)[0].replace("\n", " ").replace("  ", " ")
+            or f"default: {default}" in out
+        ), flag
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--dataset", "mnist", "--data_path", "EMPTY"], "MNIST"),
+        (["--dataset", "digits", "--train_portion", "1.5"], "--train_portion must be in (0, 1)"),
+        (["--dataset", "digits", "--layers", "2"], "--layers must be >= 3"),
+        (["--dataset", "digits", "--init_channels", "5"], "--init_channels must be even"),
+        (["--dataset", "digits", "--batch_size", "0"], "--batch_size must be positive"),
+        (["--dataset", "digits", "--workers", "-1"], "--workers must be >= 0"),
+        (["--dataset", "digits", "--gpus", "x"], "--gpus must be a comma list"),
+        (["--dataset", "digits", "--device", "tpu"], "--device must be"),
+        (["--dataset", "digits", "--device", "cuda"], "no CUDA GPU is visible"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, so --device cuda is valid here")
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    code = search.main(["--name", "x", "--epochs", "1", *TINY, *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("search.py: error: ") and message in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "searchs").exists() or "--device" in args
+
+
+def test_unwritable_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "searchs").write_text("a file where the folder should be")
+    code = search.main(["--name", "x", "--dataset", "digits", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to the output folder" in err and err.count("\n") == 1

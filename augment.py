@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -65,13 +66,15 @@ def drop_path_schedule(final_p: float, epoch: int, epochs: int) -> float:
     return final_p * (epoch - 1) / epochs
 
 
-def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader]:
+def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader, torch.Generator]:
     """Full training set (augmentation + Cutout), shuffled by a generator seeded with the seed;
     the test set in order."""
     train_data = get_dataset(
         cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
     )
     test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    # Training workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run
+    # draws the same augmentations as an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.seed)
     # A last training batch of one sample would make the auxiliary head's BN (1x1 maps) fail.
     drop_last = len(train_data) % cfg.batch_size == 1  # type: ignore[arg-type]
@@ -82,7 +85,6 @@ def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader]
         generator=gen,
         num_workers=cfg.workers,
         pin_memory=pin,
-        persistent_workers=cfg.workers > 0,
         drop_last=drop_last,
     )
     test_loader = DataLoader(
@@ -93,7 +95,7 @@ def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader]
         pin_memory=pin,
         persistent_workers=cfg.workers > 0,
     )
-    return train_loader, test_loader
+    return train_loader, test_loader, gen
 
 
 def train_epoch(
@@ -112,7 +114,8 @@ def train_epoch(
     meters = utils.Meters()
     aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
     n_steps = len(loader)
-    for step, (X, y) in enumerate(loader):
+    steps = utils.progress(loader, n_steps, f"Epoch {epoch}", not cfg.no_progress)
+    for step, (X, y) in enumerate(steps):
         X = X.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         loss, logits = train_step(model, optimizer, X, y, aux_weight, cfg.grad_clip)
@@ -124,6 +127,8 @@ def train_epoch(
         meters.update(loss, logits, y)
         global_step += 1
         writer.add_scalar("train/loss", loss.item(), global_step)
+        if hasattr(steps, "set_postfix"):
+            steps.set_postfix(loss=f"{meters.loss.avg:.3f}", top1=f"{meters.top1.avg:.1%}")
         if step % cfg.print_freq == 0 or step == n_steps - 1:
             logger.info(
                 f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} {meters}"
@@ -136,8 +141,10 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     device = utils.resolve_device(cfg)
     info = dataset_info(cfg.dataset)
     # Data and settings are checked before the run folder is made: bad input writes nothing.
-    train_loader, test_loader = make_loaders(cfg, pin=device.type == "cuda")
-    run_dir = utils.make_run_dir(os.path.join(RUN_ROOT, cfg.name))
+    run_dir = os.path.join(RUN_ROOT, cfg.name)
+    resumed = utils.open_run(run_dir, cfg)
+    train_loader, test_loader, data_gen = make_loaders(cfg, pin=device.type == "cuda")
+    utils.make_run_dir(run_dir)
     logger = utils.get_logger(os.path.join(run_dir, "augment.log"), "darts.augment")
     logger.info(f"Augment on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
     logger.info(f"Genotype = {gt.to_str(genotype)}")
@@ -181,15 +188,32 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
 
     from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
 
-    writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
-    ckpt_path = os.path.join(run_dir, "checkpoint.pth.tar")
+    import visualize
+
+    ckpt_path = os.path.join(run_dir, utils.CHECKPOINT)
     best_path = os.path.join(run_dir, "best.pth.tar")
-    best_top1, best_epoch, global_step, last_good = -1.0, 0, 0, None
-    test: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    best_top1, best_epoch, global_step, start = -1.0, 0, 0, 1
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        utils.set_rng_state(resumed["rng"], data_gen)
+        history, best_top1, best_epoch = (
+            resumed["history"],
+            resumed["best_top1"],
+            resumed["best_epoch"],
+        )
+        global_step, start = resumed["global_step"], resumed["epoch"] + 1
+        logger.info(f"Resumed from {ckpt_path} after epoch {resumed['epoch']}")
+    # purge_step drops what an interrupted run logged after its last checkpoint.
+    writer = SummaryWriter(
+        log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+    )
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])
             drop_p = drop_path_schedule(cfg.drop_path_prob, epoch, cfg.epochs)
             model.drop_path_prob(drop_p)
             logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
@@ -203,7 +227,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                 logger,
                 writer,
                 global_step,
-                last_good,
+                utils.last_checkpoint(run_dir),
             )
             scheduler.step()
             test = utils.evaluate(model, test_loader, device, criterion)
@@ -215,53 +239,66 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                 f"top1 {test['top1']:.2%} top5 {test['top5']:.2%} "
                 f"(best top1 {best_top1:.2%} at epoch {best_epoch})"
             )
-            scalars = {
-                "train/loss_epoch": train["loss"],
-                "train/top1": train["top1"],
-                "train/top5": train["top5"],
-                "test/loss": test["loss"],
-                "test/top1": test["top1"],
-                "test/top5": test["top5"],
+            record: dict[str, Any] = {
+                "epoch": epoch,
                 "lr": lr,
                 "drop_path_prob": drop_p,
+                **{f"train_{k}": v for k, v in train.items()},
+                **{f"test_{k}": v for k, v in test.items()},
+                "time": time.time() - t0,
             }
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, epoch)
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+            history.append(record)
 
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
+                "global_step": global_step,
                 "best_top1": best_top1,
+                "best_epoch": best_epoch,
+                "history": history,
                 "genotype": gt.to_str(genotype),
                 "config": cfg.to_dict(),
+                "rng": utils.rng_state(data_gen),
             }
             utils.save_checkpoint(state, ckpt_path)
-            last_good = ckpt_path
             if is_best:
                 utils.save_checkpoint(state, best_path)
+            # Rebuilt whole from the checkpointed history: a resumed run has each epoch once.
+            visualize.write_jsonl(os.path.join(run_dir, "metrics.jsonl"), history)
+            visualize.plot_curves(history, os.path.join(run_dir, "curves.png"), "test")
             logger.info(f"Epoch {epoch} done in {time.time() - t0:.1f}s")
     finally:
         writer.close()
 
+    final_top1 = history[-1]["test_top1"]
     logger.info(
-        f"Done: final test top1 {test['top1']:.2%}, best {best_top1:.2%} at epoch "
+        f"Done: final test top1 {final_top1:.2%}, best {best_top1:.2%} at epoch "
         f"{best_epoch}; checkpoints in {run_dir}"
     )
-    print(f"Final test top1 = {test['top1']:.2%}")
+    print(f"Final test top1 = {final_top1:.2%}")
     print(f"Best test top1 = {best_top1:.2%}")
-    return test["top1"], best_top1
+    return final_top1, best_top1
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = AugmentConfig.from_argv(argv)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
-        run(cfg, genotype)
+        with utils.interruptible():
+            run(cfg, genotype)
     except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
         print(f"augment.py: error: {e}", file=sys.stderr)
         return 2
+    except utils.Interrupted as e:
+        hint = utils.resume_hint("augment.py", os.path.join(RUN_ROOT, cfg.name), argv)
+        print(f"augment.py: interrupted by {e}: {hint}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

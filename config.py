@@ -35,6 +35,8 @@ class BaseConfig:
     gpus: str = _arg("0", "GPU ids to use: comma list or 'all' (the first is used)")
     seed: int = _arg(2, "random seed")
     workers: int = _arg(4, "data-loader worker processes")
+    resume: bool = _arg(False, "continue the run from <folder>/<name>/checkpoint.pth.tar")
+    no_progress: bool = _arg(False, "no progress bar (it is off anyway when not on a terminal)")
     # Declared here for the shared checks; each script sets its own defaults below.
     batch_size: int = _arg(64, "batch size")
     epochs: int = _arg(50, "number of epochs")

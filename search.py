@@ -10,7 +10,6 @@ checkpoint.pth.tar and genotype.txt (the final genotype).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -66,7 +65,9 @@ def search_step(
     return loss.detach(), logits.detach()
 
 
-def make_loaders(cfg: SearchConfig, pin: bool) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+def make_loaders(
+    cfg: SearchConfig, pin: bool
+) -> tuple[DataLoader, DataLoader, DataLoader | None, torch.Generator]:
     """Split the training set into: the held-out selection split (``select_portion``), then the
     weight half and the alpha half (``train_portion`` of the rest). The split is fixed by the
     seed; the batch order comes from one generator so a run is reproducible."""
@@ -82,13 +83,14 @@ def make_loaders(cfg: SearchConfig, pin: bool) -> tuple[DataLoader, DataLoader, 
             f"the {cfg.dataset} training set ({n} images) is too small for "
             f"--train_portion {cfg.train_portion}"
         )
+    # Workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run draws
+    # the same augmentations as an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.seed)
     common: dict[str, Any] = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         pin_memory=pin,
-        persistent_workers=cfg.workers > 0,
-        generator=gen,
+        generator=gen,  # batch order and worker seeds: saved and restored on resume
     )
     train_loader = DataLoader(
         train_data, sampler=SubsetRandomSampler(w_idx, generator=gen), **common
@@ -105,7 +107,7 @@ def make_loaders(cfg: SearchConfig, pin: bool) -> tuple[DataLoader, DataLoader, 
             num_workers=cfg.workers,
             pin_memory=pin,
         )
-    return train_loader, valid_loader, select_loader
+    return train_loader, valid_loader, select_loader, gen
 
 
 def train_epoch(
@@ -121,22 +123,31 @@ def train_epoch(
     logger,
     writer,
     global_step: int,
+    run_dir: str,
 ) -> tuple[dict, int]:
     model.train()
     meters = utils.Meters()
     train_loader, valid_loader = loaders
     n_steps = min(len(train_loader), len(valid_loader))
-    for step, (trn, val) in enumerate(zip(train_loader, valid_loader)):
+    steps = utils.progress(
+        zip(train_loader, valid_loader), n_steps, f"Epoch {epoch}", not cfg.no_progress
+    )
+    for step, (trn, val) in enumerate(steps):
         trn = tuple(t.to(device, non_blocking=True) for t in trn)
         val = tuple(t.to(device, non_blocking=True) for t in val)
         loss, logits = search_step(
             model, architect, w_optim, alpha_optim, trn, val, lr, cfg.first_order, cfg.w_grad_clip
         )
         if not torch.isfinite(loss):
-            raise utils.NonFiniteLossError(f"non-finite training loss at epoch {epoch} step {step}")
+            raise utils.NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch} step {step}; the last good "
+                f"checkpoint is {utils.last_checkpoint(run_dir)}"
+            )
         meters.update(loss, logits, trn[1])
         global_step += 1
         writer.add_scalar("train/loss", loss.item(), global_step)
+        if hasattr(steps, "set_postfix"):
+            steps.set_postfix(loss=f"{meters.loss.avg:.3f}", top1=f"{meters.top1.avg:.1%}")
         if step % cfg.print_freq == 0 or step == n_steps - 1:
             logger.info(
                 f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} {meters}"
@@ -144,12 +155,55 @@ def train_epoch(
     return meters.summary(), global_step
 
 
+def write_history(run_dir: str, history: list[dict[str, Any]], writer: Any, can_plot: bool) -> None:
+    """Everything a user looks at after an epoch, rebuilt from the checkpointed history so a
+    resumed run never duplicates or loses an epoch: alphas.jsonl, genotypes.txt, metrics.jsonl,
+    and under plots/ the training curves, the alpha heatmaps of the epoch, the op weights over
+    the epochs and (with graphviz) the cell GIFs."""
+    import visualize
+
+    plots = os.path.join(run_dir, "plots")
+    alphas = [{"epoch": h["epoch"], **h["alphas"]} for h in history]
+    visualize.write_jsonl(os.path.join(run_dir, "alphas.jsonl"), alphas)
+    visualize.write_jsonl(
+        os.path.join(run_dir, "metrics.jsonl"),
+        [{k: v for k, v in h.items() if k != "alphas"} for h in history],
+    )
+    with open(os.path.join(run_dir, "genotypes.txt"), "w") as f:
+        for h in history:
+            f.write(f"epoch {h['epoch']}: {h['genotype']}\n")
+
+    last = history[-1]
+    epoch = last["epoch"]
+    visualize.plot_curves(history, os.path.join(plots, "curves.png"), "val")
+    visualize.plot_op_weights(alphas, gt.PRIMITIVES, os.path.join(plots, "op_weights.png"))
+    for kind in ("normal", "reduce"):
+        title = f"{kind} cell, epoch {epoch}"
+        visualize.plot_alpha_heatmap(
+            last["alphas"][kind],
+            gt.PRIMITIVES,
+            title,
+            os.path.join(plots, f"epoch_{epoch:03d}-alphas-{kind}.png"),
+        )
+        writer.add_figure(
+            f"alphas/{kind}",
+            visualize.heatmap_figure(last["alphas"][kind], gt.PRIMITIVES, title),
+            epoch,
+        )
+    if can_plot:
+        visualize.update_cell_gifs(plots)
+
+
 def run(cfg: SearchConfig) -> gt.Genotype:
     device = utils.resolve_device(cfg)
     info = dataset_info(cfg.dataset)
-    # Data and settings are checked before the run folder is made: bad input writes nothing.
-    train_loader, valid_loader, select_loader = make_loaders(cfg, pin=device.type == "cuda")
-    run_dir = utils.make_run_dir(os.path.join(RUN_ROOT, cfg.name))
+    run_dir = os.path.join(RUN_ROOT, cfg.name)
+    # Data, settings and the run folder are checked before anything is written.
+    resumed = utils.open_run(run_dir, cfg)
+    train_loader, valid_loader, select_loader, data_gen = make_loaders(
+        cfg, pin=device.type == "cuda"
+    )
+    utils.make_run_dir(run_dir)
     logger = utils.get_logger(os.path.join(run_dir, "search.log"), "darts.search")
     logger.info(f"Search on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
     cfg.save(os.path.join(run_dir, "config.json"))
@@ -180,20 +234,34 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     )
     architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay)
 
+    history: list[dict[str, Any]] = []
+    best_top1, best_genotype, global_step, start = -1.0, "", 0, 1
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        w_optim.load_state_dict(resumed["w_optim"])
+        alpha_optim.load_state_dict(resumed["alpha_optim"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        utils.set_rng_state(resumed["rng"], data_gen)
+        history, best_top1 = resumed["history"], resumed["best_top1"]
+        best_genotype, global_step = resumed["best_genotype"], resumed["global_step"]
+        start = resumed["epoch"] + 1
+        logger.info(f"Resumed from {run_dir}/{utils.CHECKPOINT} after epoch {resumed['epoch']}")
+
     from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
 
     import visualize
 
-    writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+    # purge_step drops what an interrupted run logged after its last checkpoint.
+    writer = SummaryWriter(
+        log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+    )
     can_plot = visualize.dot_available()
     if not can_plot:
         logger.warning(
             "WARNING: graphviz's `dot` was not found: cell plots are skipped "
             "(apt-get install graphviz to get them)"
         )
-    history: list[str] = []
-    best_top1, best_genotype, global_step = -1.0, None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         lr = float(scheduler.get_last_lr()[0])
         train, global_step = train_epoch(
@@ -209,10 +277,10 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             logger,
             writer,
             global_step,
+            run_dir,
         )
         scheduler.step()
-        genotype = model.genotype()
-        history.append(gt.to_str(genotype))
+        genotype = gt.to_str(model.genotype())
         alphas = model.softmax_alphas()
         logger.info(
             f"Epoch {epoch}: softmaxed alphas (rows: edges, columns: {', '.join(gt.PRIMITIVES)})"
@@ -220,35 +288,23 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         for kind in ("normal", "reduce"):
             for i, a in enumerate(alphas[kind]):
                 logger.info(f"  {kind} node {i + gt.N_INPUT_NODES}:\n{a.numpy().round(3)}")
-        with open(os.path.join(run_dir, "alphas.jsonl"), "a") as f:
-            f.write(
-                json.dumps(
-                    {"epoch": epoch, **{k: [a.tolist() for a in v] for k, v in alphas.items()}}
-                )
-                + "\n"
-            )
-        with open(os.path.join(run_dir, "genotypes.txt"), "a") as f:
-            f.write(f"epoch {epoch}: {history[-1]}\n")
-        logger.info(f"Epoch {epoch}: genotype = {history[-1]}")
+        logger.info(f"Epoch {epoch}: genotype = {genotype}")
         if can_plot:
             visualize.plot_genotype(
-                genotype,
+                model.genotype(),
                 os.path.join(run_dir, "plots"),
                 caption=f"Epoch {epoch}",
                 prefix=f"epoch_{epoch:03d}-",
             )
 
-        scalars = {
-            "train/loss_epoch": train["loss"],
-            "train/top1": train["top1"],
-            "train/top5": train["top5"],
+        record: dict[str, Any] = {
+            "epoch": epoch,
             "lr": lr,
+            **{f"train_{k}": v for k, v in train.items()},
         }
         if select_loader is not None:
             held = utils.evaluate(model, select_loader, device, model.criterion)
-            scalars.update(
-                {"val/loss": held["loss"], "val/top1": held["top1"], "val/top5": held["top5"]}
-            )
+            record.update({f"val_{k}": v for k, v in held.items()})
             logger.info(
                 f"Held-out selection split: [{epoch:3d}/{cfg.epochs}] "
                 f"loss {held['loss']:.3f} top1 {held['top1']:.2%} "
@@ -258,8 +314,17 @@ def run(cfg: SearchConfig) -> gt.Genotype:
                 best_top1, best_genotype = held["top1"], genotype
         else:
             best_genotype = genotype
-        for k, v in scalars.items():
-            writer.add_scalar(k, v, epoch)
+        record["time"] = time.time() - t0
+        for k, v in record.items():
+            if k != "epoch":
+                writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+        history.append(
+            {
+                **record,
+                "genotype": genotype,
+                "alphas": {k: [a.tolist() for a in v] for k, v in alphas.items()},
+            }
+        )
 
         utils.save_checkpoint(
             {
@@ -270,13 +335,19 @@ def run(cfg: SearchConfig) -> gt.Genotype:
                 "epoch": epoch,
                 "global_step": global_step,
                 "best_top1": best_top1,
-                "best_genotype": gt.to_str(best_genotype) if best_genotype else None,
-                "genotypes": history,
+                "best_genotype": best_genotype,
+                "history": history,
                 "config": cfg.to_dict(),
+                "rng": utils.rng_state(data_gen),
             },
-            os.path.join(run_dir, "checkpoint.pth.tar"),
+            os.path.join(run_dir, utils.CHECKPOINT),
         )
-        logger.info(f"Epoch {epoch} done in {time.time() - t0:.1f}s")
+        t_plot = time.time()
+        write_history(run_dir, history, writer, can_plot)
+        logger.info(
+            f"Epoch {epoch} done in {time.time() - t0:.1f}s "
+            f"(files and plots {time.time() - t_plot:.1f}s)"
+        )
 
     writer.close()
     final = model.genotype()
@@ -289,18 +360,24 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             "No held-out selection split (--select_portion 0): the best genotype is the final one"
         )
     print(f"Final genotype = {gt.to_str(final)}")
-    print(f"Best genotype = {gt.to_str(best_genotype or final)}")
+    print(f"Best genotype = {best_genotype or gt.to_str(final)}")
     logger.info(f"Final genotype written to {os.path.join(run_dir, 'genotype.txt')}")
     return final
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = SearchConfig.from_argv(argv)
-        run(cfg)
+        with utils.interruptible():
+            run(cfg)
     except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
+    except utils.Interrupted as e:
+        hint = utils.resume_hint("search.py", os.path.join(RUN_ROOT, cfg.name), argv)
+        print(f"search.py: interrupted by {e}: {hint}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

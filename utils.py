@@ -3,12 +3,16 @@ checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import shlex
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -26,7 +30,11 @@ def resolve_device(cfg: BaseConfig) -> torch.device:
     want = cfg.device
     ids = cfg.gpu_ids()
     n_gpu = torch.cuda.device_count()
-    if want == "cpu" or (want == "auto" and n_gpu == 0):
+    if want == "cpu":
+        return torch.device("cpu")
+    if want == "auto" and n_gpu == 0:
+        if ids and max(ids) > 0:  # the default --gpus 0 falls back to the CPU, GPU 3 does not
+            raise ConfigError(f"GPU {max(ids)} does not exist (no CUDA GPU is visible)")
         return torch.device("cpu")
     if n_gpu == 0:
         raise ConfigError(f"--device {want} asks for CUDA, but no CUDA GPU is visible")
@@ -187,3 +195,140 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"{path} is not a checkpoint of this project")
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: run folders, RNG states, interruption
+# --------------------------------------------------------------------------------------------
+CHECKPOINT = "checkpoint.pth.tar"
+
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {
+    "resume",
+    "workers",
+    "print_freq",
+    "device",
+    "gpus",
+    "data_path",
+    "no_progress",
+}
+
+
+def open_run(run_dir: str, cfg: BaseConfig) -> dict[str, Any] | None:
+    """Check the run folder against ``--resume`` before anything is written.
+
+    Returns the checkpoint to resume from (None for a fresh run). A fresh run never
+    overwrites a checkpoint; a resumed run must have the configuration it was started with.
+    """
+    path = os.path.join(run_dir, CHECKPOINT)
+    resume = getattr(cfg, "resume", False)
+    if not resume:
+        if os.path.exists(path):
+            raise ConfigError(
+                f"{run_dir} already holds a checkpoint: add --resume to continue that run, "
+                f"or choose a new --name"
+            )
+        return None
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: there is no checkpoint to resume at {path}")
+    state = load_checkpoint(path)
+    saved, now = state["config"], cfg.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"{path} was made with --{key} {saved.get(key)}, this run asks for "
+                f"--{key} {now.get(key)}: resume with the settings of the run"
+            )
+    return state
+
+
+def last_checkpoint(run_dir: str) -> str:
+    path = os.path.join(run_dir, CHECKPOINT)
+    return path if os.path.exists(path) else "none yet"
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run depends on: Python, NumPy, torch (CPU, CUDA) and the data order."""
+    # Only tensors and plain values, so the checkpoint loads with weights_only=True.
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "python": list(internal) + [version, gauss],
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["data"])
+
+
+class Interrupted(Exception):
+    """SIGTERM (or Ctrl-C) arrived; the last completed epoch's checkpoint is on disk."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` inside the block (main thread only)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def resume_hint(script: str, run_dir: str, argv: list[str]) -> str:
+    """One line telling the user how to continue an interrupted run."""
+    ckpt = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(ckpt):
+        return f"no epoch was completed, nothing to resume in {run_dir}"
+    args = " ".join(shlex.quote(a) for a in argv if a != "--resume")
+    return (
+        f"the last completed epoch is saved in {ckpt}; continue with: "
+        f"python {script} {args} --resume"
+    )
+
+
+def progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over the steps of an epoch, only where the output is a terminal."""
+    if not (enabled and sys.stderr.isatty()):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,96 @@
+"""Evaluate a trained network on the test set, from an augment checkpoint alone.
+
+    python evaluate.py --checkpoint augments/cifar10/best.pth.tar [--data_path ./data/]
+
+The genotype and the network's configuration are read from the checkpoint; the reported top-1
+is the one augment.py logged for that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import genotypes as gt
+import utils
+from config import AugmentConfig, ConfigError
+from models.augment_cnn import AugmentCNN
+from preproc import DataError, dataset_info, get_dataset
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by augment.py")
+    p.add_argument("--dataset", default=None, help="data set (default: the checkpoint's)")
+    p.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=int, default=256, help="batch size")
+    p.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    state = utils.load_checkpoint(args.checkpoint)
+    if "genotype" not in state:
+        raise ConfigError(f"{args.checkpoint} is not an augment checkpoint (no genotype in it)")
+    saved = state["config"]
+    known = {k: v for k, v in saved.items() if k in AugmentConfig.__dataclass_fields__}
+    cfg = AugmentConfig(**known)
+    cfg.dataset = args.dataset or cfg.dataset
+    cfg.data_path = args.data_path or cfg.data_path
+    cfg.device, cfg.workers, cfg.batch_size = args.device, args.workers, args.batch_size
+    cfg.check()
+    if cfg.dataset != saved["dataset"]:
+        ds_new, ds_old = dataset_info(cfg.dataset), dataset_info(saved["dataset"])
+        if ds_new != ds_old:
+            raise ConfigError(
+                f"the network was trained on {saved['dataset']} ({ds_old}); it cannot "
+                f"classify {cfg.dataset} ({ds_new})"
+            )
+    device = utils.resolve_device(cfg)
+    info = dataset_info(cfg.dataset)
+    genotype = gt.from_str(state["genotype"])
+    test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    loader = DataLoader(test_data, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    model = AugmentCNN(
+        info.input_size,
+        info.input_channels,
+        cfg.init_channels,
+        info.n_classes,
+        cfg.layers,
+        cfg.aux_weight > 0,
+        genotype,
+    )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise ConfigError(
+            f"the weights in {args.checkpoint} do not fit the network its config describes"
+        ) from None
+    model.to(device)
+    return utils.evaluate(model, loader, device, nn.CrossEntropyLoss())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, DataError, gt.GenotypeError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"Test loss {result['loss']:.4f} top1 {result['top1']:.2%} top5 {result['top5']:.2%} "
+        f"({args.checkpoint}, PyTorch {torch.__version__})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

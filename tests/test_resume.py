@@ -1,0 +1,229 @@
+"""Nothing lost: bit-exact resume after kill -9 and SIGTERM, atomic checkpoints, clear errors,
+and evaluate.py agreeing with augment.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import utils
+
+SEARCH = [
+    "search.py",
+    "--name",
+    "r",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--layers",
+    "3",
+    "--init_channels",
+    "4",
+    "--nodes",
+    "2",
+    "--batch_size",
+    "128",
+    "--workers",
+    "0",
+    "--first_order",
+]
+AUGMENT = [
+    "augment.py",
+    "--name",
+    "r",
+    "--dataset",
+    "digits",
+    "--genotype",
+    "DARTS_V2",
+    "--epochs",
+    "3",
+    "--layers",
+    "3",
+    "--init_channels",
+    "4",
+    "--batch_size",
+    "128",
+    "--workers",
+    "0",
+    "--cutout_length",
+    "4",
+]
+
+
+def run_dir(cwd, script):
+    return cwd / ("searchs" if script == "search.py" else "augments") / "r"
+
+
+def interrupt_after_first_epoch(cmd, cwd, sig):
+    """Start a run, wait until epoch 1 is saved, then send ``sig`` while epoch 2 runs."""
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = run_dir(cwd, cmd[0]) / ("search.log" if cmd[0] == "search.py" else "augment.log")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if log.exists() and "Epoch 1 done" in log.read_text():
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def final_state(cwd, script):
+    return torch.load(run_dir(cwd, script) / "checkpoint.pth.tar", weights_only=True)
+
+
+def assert_same_run(a, b):
+    assert a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        ha, hb = dict(ha), dict(hb)
+        ha.pop("time"), hb.pop("time")
+        assert ha == hb  # losses, accuracies, genotypes, alphas: all equal to the last bit
+    assert a["best_top1"] == b["best_top1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Each script run once from start to end, as the reference."""
+    cwd = tmp_path_factory.mktemp("reference")
+    states = {}
+    for cmd in (SEARCH, AUGMENT):
+        res = run_script(*cmd, cwd=cwd)
+        assert res.returncode == 0, res.stderr
+        states[cmd[0]] = final_state(cwd, cmd[0])
+    return states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", [SEARCH, AUGMENT], ids=["search", "augment"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_resume_is_bit_exact(cmd, sig, uninterrupted, tmp_path):
+    code, _, err = interrupt_after_first_epoch(cmd, tmp_path, sig)
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM
+        assert "interrupted by SIGTERM" in err and "--resume" in err
+        assert err.count("\n") == 1
+    else:
+        assert code == -signal.SIGKILL
+    assert final_state(tmp_path, cmd[0])["epoch"] == 1
+
+    # without --resume nothing is overwritten
+    res = run_script(*cmd, cwd=tmp_path)
+    assert res.returncode == 2 and "add --resume" in res.stderr and "new --name" in res.stderr
+
+    res = run_script(*cmd, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    resumed = final_state(tmp_path, cmd[0])
+    assert_same_run(resumed, uninterrupted[cmd[0]])
+    if cmd[0] == "search.py":
+        lines = (run_dir(tmp_path, "search.py") / "genotypes.txt").read_text().splitlines()
+        assert [ln.split(":")[0] for ln in lines] == ["epoch 1", "epoch 2"]
+
+
+def test_interrupted_before_any_epoch_says_nothing_to_resume(tmp_path):
+    assert "nothing to resume" in utils.resume_hint("search.py", str(tmp_path), [])
+
+
+KILL_HALF_WAY = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import utils
+path = {path!r}
+utils.save_checkpoint({{"model": {{"w": torch.ones(3)}}, "config": {{"a": 1}}}}, path)
+real_save = torch.save
+def half_save(obj, f, *a, **k):
+    f.write(b"PK\\x03\\x04 half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_save
+utils.save_checkpoint({{"model": {{"w": torch.zeros(3)}}, "config": {{"a": 2}}}}, path)
+"""
+
+
+def test_checkpoint_write_killed_half_way_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    code = KILL_HALF_WAY.format(root=ROOT, path=str(path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert res.returncode == -signal.SIGKILL
+    state = utils.load_checkpoint(str(path))
+    assert torch.equal(state["model"]["w"], torch.ones(3)) and state["config"] == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(b"not a checkpoint at all"), "cannot read checkpoint"),
+        (
+            lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+            "cannot read checkpoint",
+        ),
+        (
+            lambda p: torch.save({"weights": torch.ones(1)}, p),
+            "is not a checkpoint of this project",
+        ),
+    ],
+)
+def test_damaged_or_foreign_checkpoint_gives_one_line(damage, message, tmp_path):
+    run = tmp_path / "augments" / "r"
+    run.mkdir(parents=True)
+    ckpt = run / "checkpoint.pth.tar"
+    utils.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}}, str(ckpt))
+    damage(ckpt)
+    res = run_script(*AUGMENT, "--resume", cwd=tmp_path)
+    assert res.returncode == 2
+    assert message in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_resume_with_another_configuration_is_refused(uninterrupted, tmp_path):
+    res = run_script(*AUGMENT, "--epochs", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = run_script(*AUGMENT, "--epochs", "1", "--layers", "6", "--resume", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "was made with --layers 3, this run asks for --layers 6" in res.stderr
+    res = run_script(*AUGMENT, "--epochs", "1", "--resume", "--workers", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr  # workers do not change what is computed
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    res = run_script(*AUGMENT, "--resume", cwd=tmp_path)
+    assert res.returncode == 2 and "no checkpoint to resume" in res.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_epoch_step_and_checkpoint(tmp_path):
+    res = run_script(*AUGMENT, "--lr", "1e30", "--grad_clip", "1e30", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "non-finite training loss at epoch" in res.stderr and "step" in res.stderr
+    assert "last good checkpoint" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_evaluate_agrees_with_augment(tmp_path):
+    res = run_script(*AUGMENT, "--epochs", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    best = run_dir(tmp_path, "augment.py") / "best.pth.tar"
+    logged = torch.load(best, weights_only=True)
+    res = run_script("evaluate.py", "--checkpoint", str(best), "--workers", "0", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    top1 = float(res.stdout.split("top1 ")[1].split("%")[0]) / 100
+    assert top1 == pytest.approx(logged["best_top1"], abs=5e-5)  # printed with 2 decimals
+    assert top1 == pytest.approx(logged["history"][logged["best_epoch"] - 1]["test_top1"], abs=5e-5)
+    res = run_script("evaluate.py", "--checkpoint", str(tmp_path / "nope.pth.tar"), cwd=tmp_path)
+    assert res.returncode == 2 and "no checkpoint at" in res.stderr

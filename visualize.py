@@ -5,16 +5,37 @@
     python visualize.py searchs/demo/genotype.txt
 
 writes ``normal.png``/``reduce.png`` and their graphviz sources (``normal``/``reduce``).
+
+The other helpers let a user *see the search* (search.py and augment.py call them each epoch):
+
+* :func:`make_gif` / :func:`update_cell_gifs`: the per-epoch cell plots as animated GIFs;
+* :func:`plot_alpha_heatmap` / :func:`heatmap_figure`: the softmaxed alphas of one cell type;
+* :func:`plot_op_weights`: the total weight of each op against the epoch (from alphas.jsonl);
+* :class:`MetricsLog` / :func:`read_metrics` / :func:`plot_curves`: per-epoch metrics and curves.
+
+The plots use matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: nothing
+chooses a backend or needs a display, and no figure stays registered in pyplot between epochs
+(a figure is freed with its last reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
 
 import genotypes as gt
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is made, not at import
+    from matplotlib.figure import Figure
 
 NODE_COLORS = {"input": "darkseagreen2", "node": "lightblue", "output": "palegoldenrod"}
 
@@ -54,12 +75,13 @@ def plot(
     for name in inputs:
         g.node(name, fillcolor=NODE_COLORS["input"])
     n_nodes = len(cell)
-    names = inputs + [str(i) for i in range(n_nodes)]
-    for i in range(n_nodes):
-        g.node(str(i), fillcolor=NODE_COLORS["node"])
-    for i, edges in enumerate(cell):
+    # Intermediate nodes carry their schema index (2, 3, ...), as in genotypes and heatmaps.
+    names = inputs + [str(gt.N_INPUT_NODES + i) for i in range(n_nodes)]
+    for name in names[gt.N_INPUT_NODES :]:
+        g.node(name, fillcolor=NODE_COLORS["node"])
+    for name, edges in zip(names[gt.N_INPUT_NODES :], cell):
         for op, j in edges:
-            g.edge(names[j], str(i), label=op, fillcolor="gray")
+            g.edge(names[j], name, label=op, fillcolor="gray")
     g.node("c_{k}", fillcolor=NODE_COLORS["output"])
     concat = concat if concat is not None else range(gt.N_INPUT_NODES, gt.N_INPUT_NODES + n_nodes)
     for j in concat:
@@ -90,6 +112,334 @@ def plot_genotype(
             genotype.reduce_concat,
         ),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Animated cells
+# --------------------------------------------------------------------------------------------
+CAPTION_HEIGHT = 40  # pixels of the caption strip above each GIF frame
+_CELL_FRAME = re.compile(r"epoch_(\d+)-(normal|reduce)\.png")
+
+
+def _save_atomic(save, out_path: str) -> str:
+    """Write through a temporary file, then rename: a viewer never sees a half-written file."""
+    folder = os.path.dirname(out_path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = out_path + ".tmp"
+    try:
+        save(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_path
+
+
+def make_gif(
+    frames: list[str],
+    out_path: str,
+    captions: list[str] | None = None,
+    duration_ms: int = 700,
+) -> str:
+    """Animate PNG files into a GIF that loops forever; one GIF frame per PNG.
+
+    Frames of different sizes are centred on a white canvas of the largest width and height;
+    with ``captions`` a strip of ``CAPTION_HEIGHT`` pixels above each frame holds its caption.
+    Returns ``out_path``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not frames:
+        raise ValueError("make_gif needs at least one frame")
+    if captions is not None and len(captions) != len(frames):
+        raise ValueError(f"{len(captions)} captions for {len(frames)} frames")
+    images = []
+    for path in frames:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    width = max(im.width for im in images)
+    height = max(im.height for im in images)
+    strip = CAPTION_HEIGHT if captions is not None else 0
+    try:
+        font: Any = ImageFont.load_default(size=CAPTION_HEIGHT * 3 // 5)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        font = ImageFont.load_default()
+    canvases = []
+    for k, frame in enumerate(images):
+        canvas = Image.new("RGB", (width, height + strip), "white")
+        canvas.paste(frame, ((width - frame.width) // 2, strip + (height - frame.height) // 2))
+        if captions is not None:
+            draw = ImageDraw.Draw(canvas)
+            top = draw.textbbox((0, 0), captions[k], font=font)
+            y = (strip - (top[3] - top[1])) // 2 - top[1]
+            draw.text((10, y), captions[k], fill="black", font=font)
+        canvases.append(canvas)
+
+    # One palette for all frames, from a small mosaic of them: quantizing each frame on its own
+    # (what Pillow does with RGB frames) costs ~20 ms a frame and a GIF is rewritten each epoch.
+    step = max(1, int((len(canvases) * width * (height + strip) / 2**20) ** 0.5))
+    thumbs = [c.reduce(step) for c in canvases]
+    mosaic = Image.new("RGB", (thumbs[0].width, sum(t.height for t in thumbs)), "white")
+    for k, t in enumerate(thumbs):
+        mosaic.paste(t, (0, k * thumbs[0].height))
+    palette = mosaic.quantize(256, method=Image.Quantize.MEDIANCUT)
+    # Median cut averages the background with the anti-aliasing greys (off-white 252): snap the
+    # entries near white and black to them, so the background and the text stay exact.
+    colors = palette.getpalette() or []
+    rgb = [colors[i : i + 3] for i in range(0, len(colors), 3)]
+    rgb = [[255] * 3 if min(c) >= 248 else [0] * 3 if max(c) <= 7 else c for c in rgb]
+    palette.putpalette([v for c in rgb for v in c])
+    indexed = [c.quantize(palette=palette, dither=Image.Dither.NONE) for c in canvases]
+
+    def save(path: str) -> None:
+        indexed[0].save(
+            path,
+            format="GIF",
+            save_all=True,
+            append_images=indexed[1:],
+            duration=duration_ms,
+            loop=0,
+        )
+
+    return _save_atomic(save, out_path)
+
+
+def update_cell_gifs(plots_dir: str) -> list[str]:
+    """(Re)write ``plots_dir/normal.gif`` and ``reduce.gif`` from the per-epoch cell plots
+    ``epoch_XXX-normal.png`` / ``epoch_XXX-reduce.png`` (as search.py names them), in epoch
+    order, captioned "Epoch N". Returns the paths written (none when there are no frames)."""
+    found: dict[str, list[tuple[int, str]]] = {"normal": [], "reduce": []}
+    if os.path.isdir(plots_dir):
+        for name in os.listdir(plots_dir):
+            m = _CELL_FRAME.fullmatch(name)
+            if m:
+                found[m.group(2)].append((int(m.group(1)), os.path.join(plots_dir, name)))
+    written = []
+    for kind, items in found.items():
+        if items:
+            items.sort()
+            written.append(
+                make_gif(
+                    [path for _, path in items],
+                    os.path.join(plots_dir, f"{kind}.gif"),
+                    captions=[f"Epoch {epoch}" for epoch, _ in items],
+                )
+            )
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Alphas
+# --------------------------------------------------------------------------------------------
+AlphaList = Sequence[torch.Tensor] | Sequence[Sequence[Sequence[float]]]
+
+
+def edge_labels(n_nodes: int) -> list[str]:
+    """Row labels of the alphas of a cell with ``n_nodes`` intermediate nodes, in the order of
+    genotypes.py's schema: node ``i`` (index ``2 + i``) takes inputs ``0 .. i + 1``, so
+    ``["2<-0", "2<-1", "3<-0", "3<-1", "3<-2", ...]`` (14 edges for DARTS' 4 nodes)."""
+    return [
+        f"{gt.N_INPUT_NODES + i}<-{j}" for i in range(n_nodes) for j in range(gt.N_INPUT_NODES + i)
+    ]
+
+
+def _edge_matrix(alphas: AlphaList, n_ops: int, softmax: bool) -> torch.Tensor:
+    """Stack the per-node alphas into one (n_edges, n_ops) matrix, checking the schema."""
+    rows = []
+    for i, a in enumerate(alphas):
+        t = torch.as_tensor(a, dtype=torch.float32).detach().cpu()  # (2 + i, n_ops)
+        if t.dim() != 2 or t.shape != (gt.N_INPUT_NODES + i, n_ops):
+            raise ValueError(
+                f"alphas of node {gt.N_INPUT_NODES + i} have shape {tuple(t.shape)}, "
+                f"expected ({gt.N_INPUT_NODES + i}, {n_ops})"
+            )
+        rows.append(F.softmax(t, dim=-1) if softmax else t)
+    if not rows:
+        raise ValueError("no alphas: a cell needs at least one node")
+    return torch.cat(rows)
+
+
+def heatmap_figure(
+    alphas: AlphaList,
+    primitives: Sequence[str],
+    title: str,
+    softmax: bool = False,
+    annotate: bool = True,
+) -> Figure:
+    """The alphas of one cell type as a heatmap: one row per edge ("3<-1": node 3 from input 1),
+    one column per op. ``alphas[i]`` has shape (2 + i, n_ops), as
+    ``SearchCNNController.softmax_alphas()`` and alphas.jsonl give them (already softmaxed);
+    pass ``softmax=True`` for raw alphas. Returns a matplotlib figure (for
+    ``writer.add_figure``)."""
+    from matplotlib.figure import Figure
+
+    w = _edge_matrix(alphas, len(primitives), softmax).numpy()
+    labels = edge_labels(len(alphas))
+    fig = Figure(figsize=(1.0 + 0.8 * len(primitives), 1.6 + 0.32 * len(labels)), dpi=100)
+    ax = fig.add_subplot()
+    im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(w.max()), 1e-6))
+    ax.set_xticks(range(len(primitives)), list(primitives), rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("operation")
+    ax.set_ylabel("edge (node <- input)")
+    ax.set_title(title)
+    if annotate:
+        threshold = 0.6 * float(w.max())
+        for r in range(w.shape[0]):
+            for c in range(w.shape[1]):
+                ax.text(
+                    c,
+                    r,
+                    f"{w[r, c]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if w[r, c] > threshold else "white",
+                )
+    fig.colorbar(im, ax=ax, label="softmax weight")
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig: Figure, out_path: str) -> str:
+    try:
+        return _save_atomic(lambda p: fig.savefig(p, format="png"), out_path)
+    finally:
+        fig.clear()  # drop the artists now rather than at garbage collection
+
+
+def plot_alpha_heatmap(
+    alphas: AlphaList,
+    primitives: Sequence[str],
+    title: str,
+    out_path: str,
+    softmax: bool = False,
+) -> str:
+    """Write :func:`heatmap_figure` to the PNG ``out_path``; returns ``out_path``."""
+    return _save_figure(heatmap_figure(alphas, primitives, title, softmax), out_path)
+
+
+def op_weight_totals(history: Sequence[dict], kind: str) -> tuple[list[int], torch.Tensor]:
+    """Epochs and the (n_epochs, n_ops) total softmax weight of each op summed over all edges
+    of the ``kind`` cell, from alphas.jsonl rows ``{"epoch": e, "normal": ..., "reduce": ...}``.
+    With several rows for one epoch (a resumed run appends again) the last wins.
+    """
+    by_epoch: dict[int, torch.Tensor] = {}
+    for k, row in enumerate(history):
+        if kind in row:
+            edges = torch.cat([torch.as_tensor(a, dtype=torch.float32) for a in row[kind]])
+            by_epoch[int(row.get("epoch", k + 1))] = edges.sum(0)  # (n_edges, n_ops) -> (n_ops,)
+    epochs = sorted(by_epoch)
+    totals = torch.stack([by_epoch[e] for e in epochs]) if epochs else torch.empty(0, 0)
+    return epochs, totals
+
+
+def plot_op_weights(history: Sequence[dict], primitives: Sequence[str], out_path: str) -> str:
+    """Total softmax weight of each op over all edges against the epoch, one subplot per cell
+    type, from the alphas.jsonl rows (see :func:`op_weight_totals`). Returns ``out_path``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, kind in zip(axes, ("normal", "reduce")):
+        epochs, totals = op_weight_totals(history, kind)
+        if totals.numel() and totals.shape[1] != len(primitives):
+            raise ValueError(
+                f"{kind} alphas have {totals.shape[1]} ops, but {len(primitives)} primitives"
+            )
+        for c, op in enumerate(primitives):
+            if totals.numel():
+                ax.plot(
+                    epochs,
+                    totals[:, c].tolist(),
+                    marker="." if len(epochs) < 20 else None,
+                    label=op,
+                )
+        ax.set_title(f"{kind} cell")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("softmax weight summed over edges")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    return _save_figure(fig, out_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and curves
+# --------------------------------------------------------------------------------------------
+def _jsonable(o: Any) -> Any:
+    """Tensors and numpy scalars become numbers; anything else its string."""
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> str:
+    """Write ``rows`` as JSON lines, replacing the file atomically. The scripts rewrite their
+    per-epoch files whole from the checkpointed history, so a resumed run has each epoch once."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (metrics.jsonl, alphas.jsonl); [] when it does not exist.
+    A last line cut short by a crash is skipped."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{n + 1}: not a JSON object") from None
+    return rows
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], out_path: str, held_out: str) -> str:
+    """Loss and top-1 (a fraction in [0, 1]) against the epoch for the training split and the
+    ``held_out`` one ("val": search's selection split, "test": augment), from metrics rows.
+    Missing keys are skipped; with several rows for one epoch (a resumed run) the last wins.
+    Returns ``out_path``."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for k, row in enumerate(rows):
+        by_epoch[int(row.get("epoch", k + 1))] = dict(row)
+    epochs = sorted(by_epoch)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("loss", "top1")):
+        for split in ("train", held_out):
+            key = f"{split}_{metric}"
+            points = [
+                (e, float(by_epoch[e][key]))
+                for e in epochs
+                if isinstance(by_epoch[e].get(key), (int, float))
+            ]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title("top-1 accuracy" if metric == "top1" else "loss")
+        if metric == "top1":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import augment
 import genotypes as gt
@@ -424,6 +426,13 @@ def test_one_epoch_on_digits(tmp_path, monkeypatch, capsys):
     model.load_state_dict(state["model"])
     best_state = torch.load(run_dir / "best.pth.tar", weights_only=True)
     assert best_state["epoch"] == 1
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert f"{rows[0]['test_top1']:.2%}" == final[0].split(" = ")[1]
+    for key in ("train_loss", "train_top1", "test_loss", "test_top5", "lr", "time"):
+        assert isinstance(rows[0][key], float), key
+    with Image.open(run_dir / "curves.png") as img:
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 10
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from conftest import needs_dot, run_script
+from PIL import Image
 
 import genotypes as gt
 import search
@@ -59,10 +60,26 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
             png = run / "plots" / f"epoch_{epoch:03d}-{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # what a user watches: GIFs (a frame per epoch), heatmaps, op weights, curves, metrics
+    for kind in ("normal", "reduce"):
+        with Image.open(run / "plots" / f"{kind}.gif") as gif:
+            assert gif.n_frames == 2
+        with Image.open(run / "plots" / f"epoch_002-alphas-{kind}.png") as img:
+            assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # not blank
+    for name in ("curves.png", "op_weights.png"):
+        with Image.open(run / "plots" / name) as img:
+            assert len(img.convert("RGB").getcolors(1 << 20)) > 10
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["genotype"] == gt.to_str(g_final)
+    for key in ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "lr", "time"):
+        assert isinstance(metrics[1][key], float), key
+    assert f"top1 {metrics[1]['val_top1']:.2%}" in log  # the file holds what the log says
+
     ckpt = torch.load(run / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["genotypes"][-1] == gt.to_str(g_final)
+    assert ckpt["epoch"] == 2 and ckpt["history"][-1]["genotype"] == gt.to_str(g_final)
     assert "alpha_normal.0" in ckpt["model"] and "net.stem.0.weight" in ckpt["model"]
-    for key in ("w_optim", "alpha_optim", "scheduler", "config", "best_top1"):
+    for key in ("w_optim", "alpha_optim", "scheduler", "config", "best_top1", "rng"):
         assert key in ckpt
 
 
@@ -97,7 +114,9 @@ def test_search_runs_on_every_torchvision_dataset(
     assert "plots are skipped" in out
     assert "Final genotype = Genotype(" in out
     assert (tmp_path / "searchs" / dataset / "genotype.txt").exists()
-    assert not (tmp_path / "searchs" / dataset / "plots").exists()
+    plots = tmp_path / "searchs" / dataset / "plots"
+    assert not (plots / "epoch_001-normal.png").exists() and not (plots / "normal.gif").exists()
+    assert (plots / "epoch_001-alphas-normal.png").exists()  # matplotlib needs no `dot`
 
 
 def test_help_prints_every_default(capsys):

@@ -1,0 +1,22 @@
+# DARTS on an official PyTorch CUDA runtime image.
+#   docker build -t darts .
+#   docker run --gpus all -it -v "$PWD/data:/workspace/darts/data" \
+#       -v "$PWD/searchs:/workspace/darts/searchs" darts \
+#       python search.py --name cifar10 --dataset cifar10
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+# graphviz's `dot` draws the cells.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends graphviz \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /workspace/darts
+# The image's PyTorch satisfies the ranges in requirements.txt, so it is kept.
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY *.py ./
+COPY models/ models/
+COPY scripts/ scripts/
+
+CMD ["python", "search.py", "--help"]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import genotypes as gt
 import utils
@@ -32,7 +33,7 @@ RUN_ROOT = "augments"
 
 
 def train_step(
-    model: AugmentCNN,
+    model: AugmentCNN | DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
     X: torch.Tensor,
     y: torch.Tensor,
@@ -66,9 +67,14 @@ def drop_path_schedule(final_p: float, epoch: int, epochs: int) -> float:
     return final_p * (epoch - 1) / epochs
 
 
-def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader, torch.Generator]:
+def make_loaders(
+    cfg: AugmentConfig, pin: bool, dist_info: utils.DistInfo | None = None
+) -> tuple[DataLoader, DataLoader, torch.Generator]:
     """Full training set (augmentation + Cutout), shuffled by a generator seeded with the seed;
-    the test set in order."""
+    the test set in order. Under DDP each process trains on the shard of a DistributedSampler
+    (its epoch set every epoch) and tests on every world_size-th test image, so that the shards
+    together hold each test image once."""
+    dist_info = dist_info or utils.DistInfo()
     train_data = get_dataset(
         cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
     )
@@ -76,12 +82,24 @@ def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader,
     # Training workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run
     # draws the same augmentations as an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.seed)
+    sampler: DistributedSampler | None = None
+    n_train = len(train_data)  # type: ignore[arg-type]
+    if dist_info.enabled:
+        sampler = DistributedSampler(
+            train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed
+        )
+        n_train = len(sampler)
+        test_data = Subset(
+            test_data,
+            range(dist_info.rank, len(test_data), dist_info.world_size),  # type: ignore[arg-type]
+        )
     # A last training batch of one sample would make the auxiliary head's BN (1x1 maps) fail.
-    drop_last = len(train_data) % cfg.batch_size == 1  # type: ignore[arg-type]
+    drop_last = n_train % cfg.batch_size == 1
     train_loader = DataLoader(
         train_data,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=gen,
         num_workers=cfg.workers,
         pin_memory=pin,
@@ -100,7 +118,7 @@ def make_loaders(cfg: AugmentConfig, pin: bool) -> tuple[DataLoader, DataLoader,
 
 def train_epoch(
     cfg: AugmentConfig,
-    model: AugmentCNN,
+    model: AugmentCNN | DistributedDataParallel,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     epoch: int,
@@ -112,7 +130,8 @@ def train_epoch(
 ) -> tuple[dict, int]:
     model.train()
     meters = utils.Meters()
-    aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    aux_weight = cfg.aux_weight if net.aux_head is not None else 0.0
     n_steps = len(loader)
     steps = utils.progress(loader, n_steps, f"Epoch {epoch}", not cfg.no_progress)
     for step, (X, y) in enumerate(steps):
@@ -138,17 +157,23 @@ def train_epoch(
 
 def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     """Train and evaluate; returns (final, best) test top-1 in [0, 1]."""
-    device = utils.resolve_device(cfg)
+    dist_info, device = utils.init_distributed(cfg)
+    is_main = dist_info.is_main  # only the first process writes logs, plots and checkpoints
     info = dataset_info(cfg.dataset)
     # Data and settings are checked before the run folder is made: bad input writes nothing.
     run_dir = os.path.join(RUN_ROOT, cfg.name)
     resumed = utils.open_run(run_dir, cfg)
-    train_loader, test_loader, data_gen = make_loaders(cfg, pin=device.type == "cuda")
+    train_loader, test_loader, data_gen = make_loaders(
+        cfg, pin=device.type == "cuda", dist_info=dist_info
+    )
     utils.make_run_dir(run_dir)
-    logger = utils.get_logger(os.path.join(run_dir, "augment.log"), "darts.augment")
+    logger = utils.get_logger(os.path.join(run_dir, "augment.log"), "darts.augment", is_main)
     logger.info(f"Augment on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
     logger.info(f"Genotype = {gt.to_str(genotype)}")
-    cfg.save(os.path.join(run_dir, "config.json"))
+    if is_main:
+        cfg.save(os.path.join(run_dir, "config.json"))
+    # The same seed in every process: the same initial weights, and RNG streams that the
+    # checkpoint of the first process restores for all of them.
     utils.set_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -185,6 +210,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=0.0)
     criterion = nn.CrossEntropyLoss()
+    train_model = utils.wrap_ddp(model, dist_info, device)  # averages the gradients
 
     from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
 
@@ -207,8 +233,12 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         global_step, start = resumed["global_step"], resumed["epoch"] + 1
         logger.info(f"Resumed from {ckpt_path} after epoch {resumed['epoch']}")
     # purge_step drops what an interrupted run logged after its last checkpoint.
-    writer = SummaryWriter(
-        log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+    writer = (
+        utils.NullWriter()
+        if not is_main
+        else SummaryWriter(
+            log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+        )
     )
     try:
         for epoch in range(start, cfg.epochs + 1):
@@ -216,10 +246,12 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
             lr = float(scheduler.get_last_lr()[0])
             drop_p = drop_path_schedule(cfg.drop_path_prob, epoch, cfg.epochs)
             model.drop_path_prob(drop_p)
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
             logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
             train, global_step = train_epoch(
                 cfg,
-                model,
+                train_model,
                 train_loader,
                 optimizer,
                 epoch,
@@ -265,6 +297,8 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                 "config": cfg.to_dict(),
                 "rng": utils.rng_state(data_gen),
             }
+            if not is_main:
+                continue
             utils.save_checkpoint(state, ckpt_path)
             if is_best:
                 utils.save_checkpoint(state, best_path)
@@ -275,13 +309,20 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     finally:
         writer.close()
 
+    if dist_info.enabled:
+        same = utils.replicas_identical(model)
+        logger.info(
+            f"DDP: weights are {'identical' if same else 'DIFFERENT'} on the "
+            f"{dist_info.world_size} processes"
+        )
     final_top1 = history[-1]["test_top1"]
     logger.info(
         f"Done: final test top1 {final_top1:.2%}, best {best_top1:.2%} at epoch "
         f"{best_epoch}; checkpoints in {run_dir}"
     )
-    print(f"Final test top1 = {final_top1:.2%}")
-    print(f"Best test top1 = {best_top1:.2%}")
+    if is_main:
+        print(f"Final test top1 = {final_top1:.2%}")
+        print(f"Best test top1 = {best_top1:.2%}")
     return final_top1, best_top1
 
 
@@ -290,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = AugmentConfig.from_argv(argv)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
+        launched = utils.self_launch(__file__, cfg, argv)  # --gpus 0,1,...: one process each
+        if launched is not None:
+            return launched
         with utils.interruptible():
             run(cfg, genotype)
     except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
@@ -299,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = utils.resume_hint("augment.py", os.path.join(RUN_ROOT, cfg.name), argv)
         print(f"augment.py: interrupted by {e}: {hint}", file=sys.stderr)
         return 128 + e.signum
+    finally:
+        utils.cleanup_distributed()
     return 0
 
 

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     cfg.dataset = args.dataset or cfg.dataset
     cfg.data_path = args.data_path or cfg.data_path
     cfg.device, cfg.workers, cfg.batch_size = args.device, args.workers, args.batch_size
+    cfg.gpus = "0"  # one process evaluates; the run may have used several GPUs
     cfg.check()
     if cfg.dataset != saved["dataset"]:
         ds_new, ds_old = dataset_info(cfg.dataset), dataset_info(saved["dataset"])

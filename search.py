@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
 import genotypes as gt
@@ -30,7 +31,7 @@ RUN_ROOT = "searchs"
 
 
 def search_step(
-    model: SearchCNNController,
+    model: SearchCNNController | DistributedDataParallel,
     architect: Architect,
     w_optim: torch.optim.Optimizer,
     alpha_optim: torch.optim.Optimizer,
@@ -44,8 +45,11 @@ def search_step(
 
     1. architecture step on the validation batch (second order unless ``first_order``);
     2. weight step on the training batch with the updated alphas.
-    Returns the training loss and logits of the weight step (detached).
+    ``model`` is the controller, or the controller wrapped in DDP (which then averages the
+    weight gradients across processes). Returns the training loss and logits of the weight
+    step (detached).
     """
+    net = model.module if isinstance(model, DistributedDataParallel) else model
     trn_X, trn_y = trn
     val_X, val_y = val
     alpha_optim.zero_grad(set_to_none=True)
@@ -56,17 +60,17 @@ def search_step(
     alpha_optim.step()
 
     w_optim.zero_grad(set_to_none=True)
-    with model.alphas_frozen():  # the weight step needs no alpha gradient
+    with net.alphas_frozen():  # the weight step needs no alpha gradient
         logits = model(trn_X)
-        loss = model.criterion(logits, trn_y)
+        loss = net.criterion(logits, trn_y)
         loss.backward()
-    nn.utils.clip_grad_norm_(model.weights(), grad_clip)
+    nn.utils.clip_grad_norm_(net.weights(), grad_clip)
     w_optim.step()
     return loss.detach(), logits.detach()
 
 
 def make_loaders(
-    cfg: SearchConfig, pin: bool
+    cfg: SearchConfig, pin: bool, dist_info: utils.DistInfo | None = None
 ) -> tuple[DataLoader, DataLoader, DataLoader | None, torch.Generator]:
     """Split the training set into: the held-out selection split (``select_portion``), then the
     weight half and the alpha half (``train_portion`` of the rest). The split is fixed by the
@@ -85,6 +89,14 @@ def make_loaders(
         )
     # Workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run draws
     # the same augmentations as an uninterrupted one.
+    # Under DDP each process takes its own disjoint shard, all of one size, so every process
+    # runs the same number of steps.
+    dist_info = dist_info or utils.DistInfo()
+    world, rank = dist_info.world_size, dist_info.rank
+    w_idx = w_idx[rank::world][: len(w_idx) // world]
+    a_idx = a_idx[rank::world][: len(a_idx) // world]
+    if not w_idx or not a_idx:
+        raise ConfigError(f"the {cfg.dataset} training set ({n} images) is too small to shard")
     gen = torch.Generator().manual_seed(cfg.seed)
     common: dict[str, Any] = dict(
         batch_size=cfg.batch_size,
@@ -102,7 +114,7 @@ def make_loaders(
     if n_select:
         eval_data = get_dataset(cfg.dataset, cfg.data_path, train=True, augment=False)
         select_loader = DataLoader(
-            Subset(eval_data, perm[:n_select]),
+            Subset(eval_data, perm[:n_select][rank::world]),  # evaluate() sums the shards
             batch_size=cfg.batch_size,
             num_workers=cfg.workers,
             pin_memory=pin,
@@ -112,7 +124,7 @@ def make_loaders(
 
 def train_epoch(
     cfg: SearchConfig,
-    model: SearchCNNController,
+    model: SearchCNNController | DistributedDataParallel,
     architect: Architect,
     loaders: tuple[DataLoader, DataLoader],
     w_optim: torch.optim.Optimizer,
@@ -195,18 +207,22 @@ def write_history(run_dir: str, history: list[dict[str, Any]], writer: Any, can_
 
 
 def run(cfg: SearchConfig) -> gt.Genotype:
-    device = utils.resolve_device(cfg)
+    dist_info, device = utils.init_distributed(cfg)
+    is_main = dist_info.is_main  # only the first process writes logs, plots and checkpoints
     info = dataset_info(cfg.dataset)
     run_dir = os.path.join(RUN_ROOT, cfg.name)
     # Data, settings and the run folder are checked before anything is written.
     resumed = utils.open_run(run_dir, cfg)
     train_loader, valid_loader, select_loader, data_gen = make_loaders(
-        cfg, pin=device.type == "cuda"
+        cfg, pin=device.type == "cuda", dist_info=dist_info
     )
     utils.make_run_dir(run_dir)
-    logger = utils.get_logger(os.path.join(run_dir, "search.log"), "darts.search")
+    logger = utils.get_logger(os.path.join(run_dir, "search.log"), "darts.search", is_main)
     logger.info(f"Search on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
-    cfg.save(os.path.join(run_dir, "config.json"))
+    if is_main:
+        cfg.save(os.path.join(run_dir, "config.json"))
+    # The same seed in every process: the same initial alphas and weights, and RNG streams that
+    # the checkpoint of the first process restores for all of them.
     utils.set_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -233,6 +249,11 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         w_optim, cfg.epochs, eta_min=cfg.w_lr_min
     )
     architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay)
+    # The weight step runs through DDP (it averages the weight gradients); the Architect
+    # averages its own gradients. Alphas are not DDP's business.
+    train_model = utils.wrap_ddp(
+        model, dist_info, device, ignore=[n for n, _ in model.named_alphas()]
+    )
 
     history: list[dict[str, Any]] = []
     best_top1, best_genotype, global_step, start = -1.0, "", 0, 1
@@ -252,8 +273,12 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     import visualize
 
     # purge_step drops what an interrupted run logged after its last checkpoint.
-    writer = SummaryWriter(
-        log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+    writer = (
+        utils.NullWriter()
+        if not is_main
+        else SummaryWriter(
+            log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+        )
     )
     can_plot = visualize.dot_available()
     if not can_plot:
@@ -266,7 +291,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         lr = float(scheduler.get_last_lr()[0])
         train, global_step = train_epoch(
             cfg,
-            model,
+            train_model,
             architect,
             (train_loader, valid_loader),
             w_optim,
@@ -289,7 +314,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             for i, a in enumerate(alphas[kind]):
                 logger.info(f"  {kind} node {i + gt.N_INPUT_NODES}:\n{a.numpy().round(3)}")
         logger.info(f"Epoch {epoch}: genotype = {genotype}")
-        if can_plot:
+        if can_plot and is_main:
             visualize.plot_genotype(
                 model.genotype(),
                 os.path.join(run_dir, "plots"),
@@ -326,6 +351,8 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             }
         )
 
+        if not is_main:
+            continue
         utils.save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -351,6 +378,14 @@ def run(cfg: SearchConfig) -> gt.Genotype:
 
     writer.close()
     final = model.genotype()
+    if dist_info.enabled:
+        same = utils.replicas_identical(model)
+        logger.info(
+            f"DDP: weights and alphas are {'identical' if same else 'DIFFERENT'} on the "
+            f"{dist_info.world_size} processes"
+        )
+    if not is_main:
+        return final
     with open(os.path.join(run_dir, "genotype.txt"), "w") as f:
         f.write(gt.to_str(final) + "\n")
     if select_loader is not None:
@@ -369,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = SearchConfig.from_argv(argv)
+        launched = utils.self_launch(__file__, cfg, argv)  # --gpus 0,1,...: one process each
+        if launched is not None:
+            return launched
         with utils.interruptible():
             run(cfg)
     except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
@@ -378,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = utils.resume_hint("search.py", os.path.join(RUN_ROOT, cfg.name), argv)
         print(f"search.py: interrupted by {e}: {hint}", file=sys.stderr)
         return 128 + e.signum
+    finally:
+        utils.cleanup_distributed()
     return 0
 
 

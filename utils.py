@@ -4,6 +4,7 @@ checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -65,14 +66,20 @@ def make_run_dir(path: str) -> str:
     return path
 
 
-def get_logger(file_path: str, name: str) -> logging.Logger:
-    """A logger writing to stdout and ``file_path`` (set up per run, not at import)."""
+def get_logger(file_path: str, name: str, enabled: bool = True) -> logging.Logger:
+    """A logger writing to stdout and ``file_path`` (set up per run, not at import); silent
+    when not ``enabled`` (processes other than the first under DDP)."""
     logger = logging.getLogger(name)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%m/%d %I:%M:%S %p")
-    for h in (logging.FileHandler(file_path), logging.StreamHandler(sys.stdout)):
+    handlers: list[logging.Handler] = (
+        [logging.FileHandler(file_path), logging.StreamHandler(sys.stdout)]
+        if enabled
+        else [logging.NullHandler()]
+    )
+    for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
     logger.setLevel(logging.INFO)
@@ -152,7 +159,11 @@ def evaluate(
         logits = out[0] if isinstance(out, tuple) else out
         meters.update(criterion(logits, y), logits, y)
     model.train(was_training)
-    return meters.summary()
+    # Under DDP each process saw its own shard of the data: add the shards up.
+    loss, top1, top5, n = all_reduce_sum(
+        [meters.loss.sum, meters.top1.sum, meters.top5.sum, float(meters.loss.count)], device
+    )
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "count": n}
 
 
 def count_parameters(module: nn.Module, exclude: str | None = None) -> int:
@@ -332,3 +343,165 @@ def progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed data parallel (torchrun, or --gpus 0,1,... which launches the processes itself)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(cfg: BaseConfig) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU) and pick this
+    process's device: GPU ``--gpus[local_rank]``. Without torchrun: one process."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(), resolve_device(cfg)
+    import torch.distributed as dist
+
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    )
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        ids = cfg.gpu_ids() or list(range(torch.cuda.device_count()))
+        if info.local_rank >= len(ids):
+            raise ConfigError(
+                f"{info.local_rank + 1} processes on this node but --gpus lists {len(ids)} GPUs"
+            )
+        device = torch.device("cuda", ids[info.local_rank])
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def all_reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
+    """Average tensors in place across processes (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    tensors = list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars across processes (identity in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def self_launch(script: str, cfg: BaseConfig, argv: list[str]) -> int | None:
+    """``--gpus 0,1,...`` without torchrun: start one process per listed GPU with PyTorch's
+    launcher (the API behind torchrun) and wait for them. Returns None when there is nothing
+    to launch (one GPU, or already under torchrun)."""
+    ids = cfg.gpu_ids()
+    if launched_by_torchrun() or cfg.device == "cpu" and not ids:
+        return None
+    n = len(ids) if ids is not None else torch.cuda.device_count()
+    if n <= 1:
+        return None
+    if cfg.device != "cpu":
+        resolve_device(cfg)  # every listed GPU must exist
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=n,
+        run_id=f"darts-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=1,
+    )
+    try:
+        elastic_launch(config, sys.executable)(os.path.abspath(script), *argv)
+    except Exception as e:  # ChildFailedError: the failing rank has printed its own error
+        print(
+            f"{os.path.basename(script)}: error: a worker process failed ({type(e).__name__})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def wrap_ddp(
+    model: nn.Module, dist_info: DistInfo, device: torch.device, ignore: Iterable[str] = ()
+) -> Any:
+    """The model wrapped in DistributedDataParallel when there are several processes."""
+    if not dist_info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = list(ignore)
+    if names:  # the supported way to keep parameters out of DDP's gradient reduction
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class NullWriter:
+    """Stands in for the tensorboard writer in processes other than the first."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_figure(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def replicas_identical(module: nn.Module) -> bool:
+    """Whether every process holds exactly the same parameters (weights and alphas; not BN
+    statistics, which each process updates with its own batches). True in one process."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    h = hashlib.sha256()
+    for _, p in sorted(module.named_parameters()):
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1

@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python search.py --name demo --dataset digits --epochs 4 --layers 5 \
 		--init_channels 8 --batch_size 64 --workers 0 --print_freq 10
 	$(BIN)/python augment.py --name demo --dataset digits --genotype searchs/demo/genotype.txt \
-		--epochs 4 --layers 6 --init_channels 16 --batch_size 64 --workers 0 --print_freq 10
+		--epochs 4 --layers 6 --init_channels 16 --batch_size 64 --workers 0 --print_freq 10 --cutout_length 4
 
 lint: setup
 	$(BIN)/ruff check .

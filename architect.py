@@ -5,7 +5,15 @@ Second order (paper, eq. 6-8): with one virtual SGD step w' = w - xi * dw L_trn(
     grad_alpha L_val(w', alpha) - xi * grad2_{alpha,w} L_trn(w, alpha) . grad_w' L_val(w', alpha)
 
 and the Hessian-vector product by central finite differences at the original weights,
-w+- = w +- eps * grad_w' L_val(w', alpha), eps = 0.01 / ||grad_w' L_val||.
+w+- = w +- eps * grad_w' L_val(w', alpha), eps = 0.01 / ||grad_w' L_val|| (``hessian="finite"``,
+the paper's), or exactly by double backward (``hessian="exact"``): the alpha gradient of
+grad_w L_trn(w, alpha) . dw', at the same original weights.
+
+Each pass asks autograd only for what it needs, so nothing else is computed or kept for
+backward: the virtual step differentiates the weights only (the alphas are frozen for it), the
+finite differences the alphas only (the shifted weights are plain tensors). The Hessian term is
+computed in float32 even under autocast: the shift eps * dw' is about 1e-5 of a weight, below
+bfloat16's resolution, and the difference of two nearly equal gradients would be rounding noise.
 
 The virtual step is taken with ``torch.func.functional_call`` on tensors of virtual weights, so
 the network is never copied and its parameters are never written: the weights, and the batch-norm
@@ -20,15 +28,33 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from models.search_cnn import SearchCNNController
+from utils import all_reduce_mean
+
+HESSIAN_MODES = ("finite", "exact")
+FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
 
 
 class Architect:
-    """Computes alpha gradients for a :class:`SearchCNNController`."""
+    """Computes alpha gradients for a :class:`SearchCNNController`.
 
-    def __init__(self, net: SearchCNNController, w_momentum: float, w_weight_decay: float) -> None:
+    ``hessian`` chooses how the second-order gradient gets its Hessian-vector product:
+    ``"finite"`` (default, the paper's central difference) or ``"exact"`` (double backward).
+    """
+
+    def __init__(
+        self,
+        net: SearchCNNController,
+        w_momentum: float,
+        w_weight_decay: float,
+        hessian: str = "finite",
+    ) -> None:
+        if hessian not in HESSIAN_MODES:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIAN_MODES)}, got {hessian!r}")
         self.net = net
         self.w_momentum = w_momentum
         self.w_weight_decay = w_weight_decay
+        self.hessian = hessian
+        self.fd_scale = FD_SCALE
 
     # ----------------------------------------------------------------------------------------
     def _loss(
@@ -53,6 +79,7 @@ class Architect:
         alphas = list(self.net.alphas())
         loss = self.net.loss(val_X, val_y)
         grads = torch.autograd.grad(loss, alphas)
+        all_reduce_mean(grads)  # DDP: every process takes the same architecture step
         for a, g in zip(alphas, grads):
             a.grad = g
         self._restore(snapshot)
@@ -74,9 +101,13 @@ class Architect:
         names, weights = zip(*self.net.named_weights())
         alphas = list(self.net.alphas())
 
-        # 1. Virtual step w' = w - xi * (m * buf + grad_w L_trn(w, alpha) + wd * w).
-        loss = self.net.loss(trn_X, trn_y)
-        g_trn = torch.autograd.grad(loss, weights)
+        # 1. Virtual step w' = w - xi * (m * buf + grad_w L_trn(w, alpha) + wd * w). Alphas
+        # frozen: no alpha gradient is wanted, and the graph does not keep the ops' outputs
+        # that only the alpha gradient needs.
+        with self.net.alphas_frozen():
+            loss = self.net.loss(trn_X, trn_y)
+            g_trn = torch.autograd.grad(loss, weights)
+        all_reduce_mean(g_trn)  # DDP: the same virtual step in every process
         with torch.no_grad():
             w_virtual = []
             for w, g in zip(weights, g_trn):
@@ -90,12 +121,18 @@ class Architect:
         # 2. dalpha = grad_alpha L_val(w', alpha), dw' = grad_w' L_val(w', alpha).
         val_loss = self._loss(dict(zip(names, w_virtual)), val_X, val_y)
         grads = torch.autograd.grad(val_loss, alphas + w_virtual)
+        all_reduce_mean(grads)
         dalpha, dw = grads[: len(alphas)], grads[len(alphas) :]
         del w_virtual, grads
 
-        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw by central differences.
-        hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
+        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights.
+        with torch.autocast(trn_X.device.type, enabled=False):
+            if self.hessian == "exact":
+                hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
+            else:
+                hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
 
+        all_reduce_mean(hessian)  # linear in the gradients: the mean of the processes' terms
         for a, da, h in zip(alphas, dalpha, hessian):
             a.grad = da - xi * h
         self._restore(snapshot)
@@ -113,7 +150,7 @@ class Architect:
         # eps = 0.01 / ||dw|| (paper, footnote to eq. 8). The weights at w +- eps * dw are
         # plain tensors: no weight gradient is computed in these two passes, only alpha's.
         eps = (
-            0.01
+            self.fd_scale
             / torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(d) for d in dw])
             ).item()
@@ -126,3 +163,19 @@ class Architect:
             grads.append(torch.autograd.grad(loss, alphas))
             del w_shift, loss
         return [(gp - gn) / (2.0 * eps) for gp, gn in zip(*grads)]
+
+    def _exact_hessian_vector_product(
+        self,
+        weights: tuple[nn.Parameter, ...],
+        alphas: list[nn.Parameter],
+        dw: tuple[torch.Tensor, ...],
+        trn_X: torch.Tensor,
+        trn_y: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """grad_alpha (grad_w L_trn(w, alpha) . dw) by double backward: exact, where the
+        central difference is exact only as eps -> 0. Costs a backward with ``create_graph``
+        and a backward through it, and the memory of that graph."""
+        loss = self.net.loss(trn_X, trn_y)
+        g = torch.autograd.grad(loss, weights, create_graph=True)
+        dot = torch.stack([(gi * di).sum() for gi, di in zip(g, dw)]).sum()
+        return list(torch.autograd.grad(dot, alphas))

@@ -15,7 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import genotypes as gt
-from models.ops import FactorizedReduce, MixedOp, StdConv
+from models.ops import (
+    FactorizedReduce,
+    MixedOp,
+    StdConv,
+    dense_grad,
+    phases_apply,
+    to_phases,
+)
 
 
 def reduction_layers(n_layers: int) -> tuple[int, int]:
@@ -54,9 +61,26 @@ class SearchCell(nn.Module):
         """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights.
         Returns (N, n_nodes * C, H', W')."""
         states = [self.preproc0(s0), self.preproc1(s1)]
+        # relu(state), once per state: every edge leaving a node starts four of its ops (the
+        # separable and dilated convs) with it, so it is computed and kept for backward once
+        # instead of up to 4 x (n_nodes + 1 - i) times.
+        # Likewise the pixel phases of relu(state) that the dilated convs of the stride-1 edges
+        # work on (models.ops.to_phases), made once per state when the first edge needs them.
+        relus: list[torch.Tensor] = []
+        phases: list[torch.Tensor | None] = []
         for edges, w_list in zip(cast(list[nn.ModuleList], self.dag), w_dag):
-            node = sum(edge(s, w) for edge, s, w in zip(edges, states, w_list))
-            states.append(cast(torch.Tensor, node))
+            relus += [torch.relu(s) for s in states[len(relus) :]]
+            phases += [None] * (len(relus) - len(phases))
+            node: torch.Tensor | None = None
+            for j, (edge, w) in enumerate(zip(cast(list[MixedOp], edges), w_list)):
+                if phases[j] is None and phases_apply(relus[j], edge.stride):
+                    phases[j] = to_phases(relus[j])
+                h = edge(states[j], w, relus[j], phases[j])
+                # In place (no backward formula needs the running sum): the same values as
+                # sum(h_j), without a new tensor per edge.
+                node = h if node is None else node.add_(h)
+            assert node is not None
+            states.append(dense_grad(node))
         return torch.cat(states[gt.N_INPUT_NODES :], dim=1)
 
 

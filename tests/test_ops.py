@@ -65,3 +65,186 @@ def test_pooling_followed_by_non_affine_bn_in_supernet():
     for i, op in zip(mixed.op_index, mixed.ops):
         if "pool" in PRIMITIVES[i]:
             assert isinstance(op[1], torch.nn.BatchNorm2d) and not op[1].affine
+
+
+# --------------------------------------------------------------------------------------------
+# The fast formulations compute what the plain ones compute (float64, values and gradients)
+# --------------------------------------------------------------------------------------------
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last):
+    from models.ops import depthwise_conv2d
+
+    torch.manual_seed(0)
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(3, 1, k, k, dtype=torch.float64).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w.requires_grad_()
+    padding = dilation * (k - 1) // 2
+    ref = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3)
+    out = depthwise_conv2d(x, w, stride, padding, dilation)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_wide_depthwise_conv_is_twice_differentiable():
+    """The exact Hessian of the Architect differentiates the weight gradient once more."""
+    from models.ops import _WideDepthwiseConv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    for stride in (1, 2):
+        f = lambda x, w, s=stride: _WideDepthwiseConv.apply(x, w, s, 2)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, w))
+        assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("size", [8, 7, 5])
+def test_factorized_reduce_equals_shifted_stride_2_convs(size):
+    torch.manual_seed(0)
+    fr = FactorizedReduce(4, 6, affine=True).double()
+    x = torch.randn(2, 4, size, size, dtype=torch.float64)
+    r = torch.relu(x)
+    shifted = torch.nn.functional.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))  # the original formula
+    expected = torch.cat([fr.conv1(r), fr.conv2(shifted)], dim=1)  # convs have stride 2
+    expected = torch.nn.functional.batch_norm(
+        expected, None, None, fr.bn.weight, fr.bn.bias, True, 0.0, fr.bn.eps
+    )
+    torch.testing.assert_close(fr(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_phases_round_trip():
+    from models.ops import from_phases, to_phases
+
+    x = torch.randn(3, 2, 6, 4)
+    p = to_phases(x)
+    assert p.shape == (12, 2, 3, 2) and p.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(p[3:6], x[:, :, 0::2, 1::2], rtol=0, atol=0)  # phase (0, 1)
+    assert torch.equal(from_phases(p), x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scaled_batch_norm_equals_scale_times_bn(training):
+    from models.ops import scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn, bn_ref = torch.nn.BatchNorm2d(3, affine=False), torch.nn.BatchNorm2d(3, affine=False)
+    for m in (bn, bn_ref):
+        m.train(training)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    bn.double(), bn_ref.double()
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out, ref = scaled_batch_norm(bn, x, s), s * bn_ref(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, s, g), torch.autograd.grad(ref, s, g))
+    for a, b in zip(bn.buffers(), bn_ref.buffers()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError):
+        scaled_batch_norm(torch.nn.BatchNorm2d(3), x.float(), s.float())
+
+
+def _plain(module, x):
+    """The op by the textbook layers, one torch.nn.functional call per layer (no fast paths)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from models.ops import DilConv, SepConv
+
+    if isinstance(module, (DilConv, SepConv, nn.Sequential)):
+        for m in module:
+            x = _plain(m, x)
+        return x
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(
+            x, module.weight, None, module.stride, module.padding, module.dilation, module.groups
+        )
+    if isinstance(module, nn.BatchNorm2d):
+        if module.training:
+            module.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x, module.running_mean, module.running_var, module.weight, module.bias,
+            module.training, module.momentum, module.eps,
+        )  # fmt: skip
+    if isinstance(module, FactorizedReduce):
+        r = torch.relu(x)
+        shifted = F.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
+        h = torch.cat([_plain(module.conv1, r), _plain(module.conv2, shifted)], dim=1)
+        return _plain(module.bn, h)
+    return module(x)  # ReLU, pooling, identity
+
+
+def _reference_edge(mixed, x, w):
+    """sum_o w_o * o(x), every op by its textbook layers."""
+    return sum(w[i] * _plain(op, x) for i, op in zip(mixed.op_index, mixed.ops))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_last):
+    """Training mode, float64: same output, gradients (input, weights, alphas) and BN
+    statistics as the plain weighted sum, with relu(x) and its phases handed in by the caller
+    (as SearchCell does) or not."""
+    import copy
+
+    from models.ops import phases_apply, to_phases, use_channels_last
+
+    torch.manual_seed(0)
+    mixed = MixedOp(4, stride).double()
+    if channels_last:
+        use_channels_last(mixed)
+    ref = copy.deepcopy(mixed)
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    alpha = torch.randn(len(PRIMITIVES), dtype=torch.float64, requires_grad=True)
+    for shared in (False, True):
+        w = torch.softmax(alpha, -1)
+        x_relu = torch.relu(x) if shared else None
+        phases = None
+        if shared and phases_apply(x_relu, stride):
+            phases = to_phases(x_relu)
+        y = mixed(x, w, x_relu, phases)
+        y_ref = _reference_edge(ref, x, w)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(y_ref)
+        params, params_ref = list(mixed.parameters()), list(ref.parameters())
+        grads = torch.autograd.grad(y, [x, alpha, *params], g, retain_graph=True)
+        grads_ref = torch.autograd.grad(y_ref, [x, alpha, *params_ref], g)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(mixed.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_supernet_keeps_parameters_and_values():
+    import copy
+
+    import torch.nn as nn
+
+    from models.ops import use_channels_last
+    from models.search_cnn import SearchCNNController
+
+    torch.manual_seed(0)
+    net = SearchCNNController(3, 4, 10, 3, nn.CrossEntropyLoss()).double()
+    net_cl = use_channels_last(copy.deepcopy(net))
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in net_cl.named_parameters()]
+    assert net_cl.net.stem[0].weight.is_contiguous(memory_format=CL)
+    X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    loss, loss_cl = net.loss(X, y), net_cl.loss(X, y)
+    torch.testing.assert_close(loss, loss_cl, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    grads_cl = torch.autograd.grad(loss_cl, list(net_cl.parameters()))
+    for a, b in zip(grads, grads_cl):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

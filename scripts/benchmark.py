@@ -1,0 +1,303 @@
+"""Time the steps that search.py and augment.py run, with their conditions (STYLE.md, item 10).
+
+    python scripts/benchmark.py                      # every figure at the CIFAR-10 shape
+    python scripts/benchmark.py --only second_order  # one figure, in this process
+    python scripts/benchmark.py --json               # one JSON object per figure
+
+Figures (what is timed is the code of the scripts, imported, not a copy):
+
+- ``weight``: the weight half of ``search.search_step`` alone (forward, backward, clip, SGD);
+- ``first_order`` / ``second_order`` / ``second_order_exact``: ``search.search_step`` with the
+  Architect's first-order gradient, its second-order gradient with the finite-difference
+  Hessian-vector product (the paper's) and with the exact one (double backward);
+- ``augment``: ``augment.train_step`` on the DARTS_V2 network with its auxiliary head.
+
+Each figure is the median over ``--steps`` steps after ``--warmup`` steps. Peak memory is the
+process's peak resident set (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on
+CUDA. Because the RSS peak is a lifetime peak, the main invocation runs every figure in a fresh
+subprocess of this script (``--only FIGURE --json``) and collects the results.
+
+Shapes: the search figures default to the search defaults (batch 64, C = 16, 8 layers), the
+augment figure to the augment defaults (batch 96, C = 36, 20 layers); ``--batch``,
+``--channels`` and ``--layers`` set both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FIGURES = ("weight", "first_order", "second_order", "second_order_exact", "augment")
+SEARCH_DEFAULTS = {"batch": 64, "channels": 16, "layers": 8}
+AUGMENT_DEFAULTS = {"batch": 96, "channels": 36, "layers": 20}
+LR, MOMENTUM, WEIGHT_DECAY, GRAD_CLIP = 0.025, 0.9, 3e-4, 5.0  # DARTS.md, section 3
+ALPHA_LR, ALPHA_WD = 3e-4, 1e-3
+AUX_WEIGHT, DROP_PATH = 0.4, 0.2
+N_CLASSES = 10
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Time DARTS' search and augment steps.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: per stage)")
+    p.add_argument("--size", type=int, default=32, help="image side (3 x size x size inputs)")
+    p.add_argument("--channels", type=int, default=None, help="C (default: per stage)")
+    p.add_argument("--layers", type=int, default=None, help="cells (default: per stage)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="bfloat16: autocast (CUDA only); the weights and the Hessian term stay float32",
+    )
+    p.add_argument(
+        "--memory_format",
+        default="channels_last",
+        choices=("channels_last", "contiguous"),
+        help="memory format of the networks and their inputs",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--only", choices=FIGURES, default=None, help="measure one figure here")
+    p.add_argument(
+        "--figures",
+        default=",".join(FIGURES),
+        help="comma list of the figures the main invocation measures",
+    )
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object per figure")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# One figure, in this process
+# --------------------------------------------------------------------------------------------
+def _shape(args: argparse.Namespace, figure: str) -> dict[str, int]:
+    defaults = AUGMENT_DEFAULTS if figure == "augment" else SEARCH_DEFAULTS
+    return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: Any) -> tuple[int, str]:
+    """(bytes, what was measured)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"  # KiB on Linux
+
+
+def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[[], None]:
+    """Build the model and optimisers of ``figure``; return a function doing one step."""
+    import torch
+    import torch.nn as nn
+
+    import augment
+    import genotypes as gt
+    import search
+    from architect import Architect
+    from models.augment_cnn import AugmentCNN
+    from models.ops import use_channels_last
+    from models.search_cnn import SearchCNNController
+
+    shape = _shape(args, figure)
+    torch.manual_seed(args.seed)
+    channels_last = args.memory_format == "channels_last"
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.randn(n, 3, args.size, args.size, device=device)
+        if channels_last:
+            X = X.contiguous(memory_format=torch.channels_last)
+        return X, torch.randint(0, N_CLASSES, (n,), device=device)
+
+    if figure == "augment":
+        net = AugmentCNN(
+            args.size, 3, shape["channels"], N_CLASSES, shape["layers"], True, gt.DARTS_V2
+        ).to(device)
+        if channels_last:
+            use_channels_last(net)
+        net.train()
+        net.drop_path_prob(DROP_PATH)
+        optim = torch.optim.SGD(net.parameters(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        X, y = batch(shape["batch"])
+
+        def augment_step() -> None:
+            augment.train_step(net, optim, X, y, AUX_WEIGHT, GRAD_CLIP)
+
+        return augment_step
+
+    model = SearchCNNController(
+        3, shape["channels"], N_CLASSES, shape["layers"], nn.CrossEntropyLoss()
+    ).to(device)
+    if channels_last:
+        use_channels_last(model)
+    model.train()
+    w_optim = torch.optim.SGD(model.weights(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    alpha_optim = torch.optim.Adam(
+        model.alphas(), ALPHA_LR, betas=(0.5, 0.999), weight_decay=ALPHA_WD
+    )
+    trn, val = batch(shape["batch"]), batch(shape["batch"])
+
+    if figure == "weight":
+
+        def weight_step() -> None:  # the second half of search.search_step
+            w_optim.zero_grad(set_to_none=True)
+            with model.alphas_frozen():
+                model.loss(*trn).backward()
+            nn.utils.clip_grad_norm_(model.weights(), GRAD_CLIP)
+            w_optim.step()
+
+        return weight_step
+
+    hessian = "exact" if figure == "second_order_exact" else "finite"
+    architect = Architect(model, MOMENTUM, WEIGHT_DECAY, hessian=hessian)
+    first_order = figure == "first_order"
+
+    def step() -> None:
+        search.search_step(
+            model, architect, w_optim, alpha_optim, trn, val, LR, first_order, GRAD_CLIP
+        )
+
+    return step
+
+
+def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``figure`` in this process; return its result record."""
+    import contextlib
+
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif args.dtype != "float32":
+        raise SystemExit("benchmark.py: --dtype bfloat16 is for CUDA only")
+    load_before = os.getloadavg()[0]
+    step = _build_step(figure, args, device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    times = []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            step()
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    mem, mem_kind = _peak_memory(device)
+    shape = _shape(args, figure)
+    return {
+        "figure": figure,
+        "seconds": statistics.median(times),
+        "times": times,
+        "peak_memory_bytes": mem,
+        "memory": mem_kind,
+        "device": str(device)
+        if device.type == "cpu"
+        else f"{device} ({torch.cuda.get_device_name(device)})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "memory_format": args.memory_format,
+        "input": f"{shape['batch']}x3x{args.size}x{args.size}",
+        "batch": shape["batch"],
+        "size": args.size,
+        "channels": shape["channels"],
+        "layers": shape["layers"],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+def format_line(r: dict[str, Any]) -> str:
+    mem = r["peak_memory_bytes"] / 2**30
+    what = "peak RSS" if r["memory"] == "peak_rss" else "CUDA max allocated"
+    return (
+        f"{r['figure']:<19} {r['seconds']:8.3f} s/step  {what} {mem:6.2f} GiB  "
+        f"(median of {r['steps']} after {r['warmup']} warm-up; {r['device']}, "
+        f"PyTorch {r['torch']}, {r['threads']} threads, {r['dtype']}, {r['memory_format']}, "
+        f"input {r['input']}, C={r['channels']}, {r['layers']} layers, "
+        f"load {r['load_before']:.2f}->{r['load_after']:.2f})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration: each figure in a fresh process
+# --------------------------------------------------------------------------------------------
+def _child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without --only / --figures / --json (the child gets its own)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--only", "--figures"):
+            skip = True
+            continue
+        if a.startswith(("--only=", "--figures=")) or a == "--json":
+            continue
+        out.append(a)
+    return out
+
+
+def run_in_subprocess(figure: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), *_child_argv(argv), "--only", figure]
+    proc = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_parser().parse_args(argv)
+    if ROOT not in sys.path:  # the scripts and models/ live one folder up
+        sys.path.insert(0, ROOT)
+    if args.only is not None:
+        results = [measure(args.only, args)]
+    else:
+        figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+        unknown = sorted(set(figures) - set(FIGURES))
+        if unknown:
+            raise SystemExit(f"benchmark.py: unknown figure(s) {', '.join(unknown)}")
+        results = []
+        for f in figures:
+            results.append(run_in_subprocess(f, argv))
+            if not args.json:
+                print(format_line(results[-1]), flush=True)
+        if not args.json:
+            return 0
+    for r in results:
+        print(json.dumps(r) if args.json else format_line(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

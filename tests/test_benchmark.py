@@ -1,0 +1,63 @@
+"""scripts/benchmark.py: every figure is measured and reported with its conditions.
+
+Tiny shapes; no timing is asserted (the figures depend on the machine)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+from conftest import ROOT
+
+TINY = ["--size", "8", "--channels", "4", "--layers", "3", "--batch", "4"]
+TINY += ["--steps", "1", "--warmup", "0"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(ROOT, "scripts", "benchmark.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # nothing runs at import
+    return module
+
+
+def check_record(r, figure):
+    assert r["figure"] == figure
+    assert r["seconds"] > 0 and len(r["times"]) == 1
+    assert r["peak_memory_bytes"] > 0 and r["memory"] == "peak_rss"
+    assert r["device"] == "cpu" and r["torch"] and r["threads"] >= 1
+    assert r["dtype"] == "float32" and r["input"] == "4x3x8x8"
+    assert (r["batch"], r["channels"], r["layers"]) == (4, 4, 3)
+
+
+def test_every_figure_in_process(capsys):
+    bench = load_benchmark()
+    for figure in bench.FIGURES:
+        assert bench.main([*TINY, "--only", figure, "--json"]) == 0
+        check_record(json.loads(capsys.readouterr().out.strip().splitlines()[-1]), figure)
+
+
+def test_text_line_names_the_conditions(capsys):
+    bench = load_benchmark()
+    assert bench.main([*TINY, "--only", "weight", "--memory_format", "contiguous"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("weight") and "s/step" in line and "peak RSS" in line
+    for word in ("cpu", "PyTorch", "threads", "float32", "contiguous", "input 4x3x8x8", "C=4"):
+        assert word in line, word
+
+
+@pytest.mark.slow
+def test_orchestrated_run_measures_each_figure_in_a_fresh_process(capsys):
+    bench = load_benchmark()
+    assert bench.main([*TINY, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["figure"] for r in records] == list(bench.FIGURES)
+    for r in records:
+        check_record(r, r["figure"])
+
+
+def test_bfloat16_is_refused_on_the_cpu():
+    bench = load_benchmark()
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--only", "weight", "--dtype", "bfloat16"])

@@ -146,6 +146,11 @@ class SearchConfig(BaseConfig):
     alpha_lr: float = _arg(3e-4, "Adam learning rate of the alphas")
     alpha_weight_decay: float = _arg(1e-3, "weight decay of the alphas")
     first_order: bool = _arg(False, "first-order approximation (xi = 0) instead of second order")
+    hessian: str = _arg(
+        "finite",
+        "second-order Hessian-vector product: finite (central difference, the paper's) | exact "
+        "(double backward)",
+    )
     train_portion: float = _arg(
         0.5, "portion of the search data that trains the weights; the rest trains the alphas"
     )
@@ -158,6 +163,8 @@ class SearchConfig(BaseConfig):
     def check(self) -> None:
         super().check()
         _positive(self, "nodes")
+        if self.hessian not in ("finite", "exact"):
+            raise ConfigError(f"--hessian must be finite or exact, got {self.hessian!r}")
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must be in (0, 1), got {self.train_portion}")
         if not 0.0 <= self.select_portion < 1.0:

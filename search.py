@@ -248,7 +248,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         w_optim, cfg.epochs, eta_min=cfg.w_lr_min
     )
-    architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay)
+    architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay, hessian=cfg.hessian)
     # The weight step runs through DDP (it averages the weight gradients); the Architect
     # averages its own gradients. Alphas are not DDP's business.
     train_model = utils.wrap_ddp(

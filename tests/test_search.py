@@ -159,6 +159,7 @@ def test_help_prints_every_default(capsys):
         (["--dataset", "digits", "--workers", "-1"], "--workers must be >= 0"),
         (["--dataset", "digits", "--gpus", "x"], "--gpus must be a comma list"),
         (["--dataset", "digits", "--device", "tpu"], "--device must be"),
+        (["--dataset", "digits", "--hessian", "approx"], "--hessian must be finite or exact"),
         (["--dataset", "digits", "--device", "cuda"], "no CUDA GPU is visible"),
     ],
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +26,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import genotypes as gt
 import utils
-from config import AugmentConfig, ConfigError
+from config import AugmentConfig
 from models.augment_cnn import AugmentCNN
-from preproc import DataError, dataset_info, get_dataset
+from preproc import dataset_info, get_dataset
 
 RUN_ROOT = "augments"
 
@@ -327,25 +328,12 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
+    def prepare(argv: list[str]) -> tuple[AugmentConfig, Callable[[], Any]]:
         cfg = AugmentConfig.from_argv(argv)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
-        launched = utils.self_launch(__file__, cfg, argv)  # --gpus 0,1,...: one process each
-        if launched is not None:
-            return launched
-        with utils.interruptible():
-            run(cfg, genotype)
-    except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
-        print(f"augment.py: error: {e}", file=sys.stderr)
-        return 2
-    except utils.Interrupted as e:
-        hint = utils.resume_hint("augment.py", os.path.join(RUN_ROOT, cfg.name), argv)
-        print(f"augment.py: interrupted by {e}: {hint}", file=sys.stderr)
-        return 128 + e.signum
-    finally:
-        utils.cleanup_distributed()
-    return 0
+        return cfg, lambda: run(cfg, genotype)
+
+    return utils.script_main(__file__, RUN_ROOT, argv, prepare)
 
 
 if __name__ == "__main__":

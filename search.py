@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import utils
 from architect import Architect
 from config import ConfigError, SearchConfig
 from models.search_cnn import SearchCNNController
-from preproc import DataError, dataset_info, get_dataset
+from preproc import dataset_info, get_dataset
 
 RUN_ROOT = "searchs"
 
@@ -401,24 +402,11 @@ def run(cfg: SearchConfig) -> gt.Genotype:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
+    def prepare(argv: list[str]) -> tuple[SearchConfig, Callable[[], Any]]:
         cfg = SearchConfig.from_argv(argv)
-        launched = utils.self_launch(__file__, cfg, argv)  # --gpus 0,1,...: one process each
-        if launched is not None:
-            return launched
-        with utils.interruptible():
-            run(cfg)
-    except (ConfigError, DataError, gt.GenotypeError, utils.NonFiniteLossError) as e:
-        print(f"search.py: error: {e}", file=sys.stderr)
-        return 2
-    except utils.Interrupted as e:
-        hint = utils.resume_hint("search.py", os.path.join(RUN_ROOT, cfg.name), argv)
-        print(f"search.py: interrupted by {e}: {hint}", file=sys.stderr)
-        return 128 + e.signum
-    finally:
-        utils.cleanup_distributed()
-    return 0
+        return cfg, lambda: run(cfg)
+
+    return utils.script_main(__file__, RUN_ROOT, argv, prepare)
 
 
 if __name__ == "__main__":

@@ -505,3 +505,38 @@ def replicas_identical(module: nn.Module) -> bool:
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, h.hexdigest())
     return len(set(digests)) == 1
+
+
+def script_main(
+    script: str,
+    run_root: str,
+    argv: list[str] | None,
+    prepare: Callable[[list[str]], tuple[BaseConfig, Callable[[], Any]]],
+) -> int:
+    """The command-line frame of search.py and augment.py: ``prepare(argv)`` parses and checks
+    the input and returns the config and the job. Bad input: one line, exit status 2. Several
+    GPUs: one process each. SIGTERM / Ctrl-C: one line saying how to resume, exit 128 + signal."""
+    from genotypes import GenotypeError
+    from preproc import DataError
+
+    name = os.path.basename(script)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg: BaseConfig | None = None
+    try:
+        cfg, job = prepare(argv)
+        launched = self_launch(script, cfg, argv)  # --gpus 0,1,...: one process each
+        if launched is not None:
+            return launched
+        with interruptible():
+            job()
+    except (ConfigError, DataError, GenotypeError, NonFiniteLossError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        assert cfg is not None  # signals are only turned into Interrupted inside the job
+        hint = resume_hint(name, os.path.join(run_root, cfg.name), argv)
+        print(f"{name}: interrupted by {e}: {hint}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        cleanup_distributed()
+    return 0

@@ -288,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"benchmark.py: unknown figure(s) {', '.join(unknown)}")
         results = []
-        for f in figures:
+        for f in figures:  # one at a time: two measurements at once would share the cores
             results.append(run_in_subprocess(f, argv))
-            if not args.json:
-                print(format_line(results[-1]), flush=True)
-        if not args.json:
-            return 0
+            print(json.dumps(results[-1]) if args.json else format_line(results[-1]), flush=True)
+        return 0
     for r in results:
         print(json.dumps(r) if args.json else format_line(r), flush=True)
     return 0

@@ -195,6 +195,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         cfg.aux_weight > 0,
         genotype,
     ).to(device)
+    model.to(memory_format=utils.memory_format(cfg))
     n_params = utils.count_parameters(model, exclude="aux_head")
     aux_note = (
         f"auxiliary head {utils.count_parameters(model) - n_params:,} more, on "
@@ -263,6 +264,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                 utils.last_checkpoint(run_dir),
             )
             scheduler.step()
+            utils.broadcast_buffers(model)  # every shard is scored by the checkpoint's network
             test = utils.evaluate(model, test_loader, device, criterion)
             is_best = test["top1"] > best_top1
             if is_best:
@@ -313,7 +315,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     if dist_info.enabled:
         same = utils.replicas_identical(model)
         logger.info(
-            f"DDP: weights are {'identical' if same else 'DIFFERENT'} on the "
+            f"DDP: weights and BN statistics are {'identical' if same else 'DIFFERENT'} on the "
             f"{dist_info.world_size} processes"
         )
     final_top1 = history[-1]["test_top1"]

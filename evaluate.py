@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise ConfigError(
             f"the weights in {args.checkpoint} do not fit the network its config describes"
         ) from None
-    model.to(device)
+    model.to(device).to(memory_format=utils.memory_format(cfg))
     return utils.evaluate(model, loader, device, nn.CrossEntropyLoss())
 
 

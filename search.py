@@ -236,6 +236,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         nn.CrossEntropyLoss(),
         n_nodes=cfg.nodes,
     ).to(device)
+    model.to(memory_format=utils.memory_format(cfg))
     logger.info(
         f"Supernet: {utils.count_parameters(model.net):,} weights, "
         f"{utils.count_parameters(model, exclude='net.'):,} alphas"
@@ -306,6 +307,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             run_dir,
         )
         scheduler.step()
+        utils.broadcast_buffers(model)  # the BN statistics of the checkpoint, in every process
         genotype = gt.to_str(model.genotype())
         alphas = model.softmax_alphas()
         logger.info(
@@ -382,8 +384,8 @@ def run(cfg: SearchConfig) -> gt.Genotype:
     if dist_info.enabled:
         same = utils.replicas_identical(model)
         logger.info(
-            f"DDP: weights and alphas are {'identical' if same else 'DIFFERENT'} on the "
-            f"{dist_info.world_size} processes"
+            f"DDP: weights, alphas and BN statistics are {'identical' if same else 'DIFFERENT'} "
+            f"on the {dist_info.world_size} processes"
         )
     if not is_main:
         return final

@@ -46,6 +46,14 @@ def resolve_device(cfg: BaseConfig) -> torch.device:
     return torch.device("cuda", index)
 
 
+def memory_format(cfg: BaseConfig) -> torch.memory_format:
+    """The torch memory format of ``--memory_format``: ``model.to(memory_format=...)``
+    stores the 4-d weights in it, and the convs then give activations in it (the stem turns
+    an NCHW batch into NHWC). Apply it before the optimizers are built: their buffers copy the
+    parameters' layout."""
+    return torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -216,6 +224,7 @@ CHECKPOINT = "checkpoint.pth.tar"
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
     "resume",
+    "memory_format",
     "workers",
     "print_freq",
     "device",
@@ -490,9 +499,24 @@ class NullWriter:
         pass
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process the first process's buffers (BN running statistics), in place.
+
+    Each process updates its BN statistics with its own batches, so after a training epoch they
+    differ between processes. Evaluated with them, each shard of the test set would be scored
+    by a slightly different network, none of them the one the checkpoint (written by the first
+    process) holds. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src=0)
+
+
 def replicas_identical(module: nn.Module) -> bool:
-    """Whether every process holds exactly the same parameters (weights and alphas; not BN
-    statistics, which each process updates with its own batches). True in one process."""
+    """Whether every process holds exactly the same parameters and buffers (weights, alphas and,
+    after :func:`broadcast_buffers`, BN statistics). True in one process."""
     import hashlib
 
     import torch.distributed as dist
@@ -500,7 +524,7 @@ def replicas_identical(module: nn.Module) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
     h = hashlib.sha256()
-    for _, p in sorted(module.named_parameters()):
+    for _, p in sorted([*module.named_parameters(), *module.named_buffers()]):
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, h.hexdigest())

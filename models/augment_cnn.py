@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import genotypes as gt
-from models.ops import OPS, FactorizedReduce, StdConv
+from models.ops import OPS, BatchNorm2d, FactorizedReduce, StdConv
 from models.search_cnn import reduction_layers
 
 
@@ -117,10 +117,10 @@ class AuxiliaryHead(nn.Module):
             nn.ReLU(inplace=False),
             pool,  # (N, C, s, s) -> (N, C, 2, 2)
             nn.Conv2d(C, 128, 1, bias=False),
-            nn.BatchNorm2d(128),
+            BatchNorm2d(128),
             nn.ReLU(),
             nn.Conv2d(128, 768, 2, bias=False),  # (N, 128, 2, 2) -> (N, 768, 1, 1)
-            nn.BatchNorm2d(768),
+            BatchNorm2d(768),
             nn.ReLU(),
         )
         self.linear = nn.Linear(768, n_classes)
@@ -162,7 +162,7 @@ class AugmentCNN(nn.Module):
         C_stem = stem_multiplier * C
         self.stem = nn.Sequential(  # (N, C_in, H, W) -> (N, 3C, H, W)
             nn.Conv2d(C_in, C_stem, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(C_stem),
+            BatchNorm2d(C_stem),
         )
         C_pp, C_p, C_cur = C_stem, C_stem, C
         spatial = input_size

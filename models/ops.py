@@ -51,19 +51,43 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def centers_batch(x: torch.Tensor) -> bool:
+    """Whether :func:`scaled_batch_norm` centres ``x`` before normalising it: a channels-last
+    4-d CPU tensor. PyTorch's channels-last CPU BN kernel adds the N * H * W values of a channel
+    one after the other in float32, so its statistics lose digits in proportion to the channel's
+    mean over its spread: a conv output with mean 20 and std 1 comes out of it 1e-4 wrong, and
+    its input gradient in DARTS' cells up to 1e-2 wrong (relative to the float64 result), where
+    the NCHW kernel is right to 1e-6. BN is shift invariant, so subtracting the batch mean
+    (an accurate torch.sum) first changes nothing but the rounding: 1e-6 again, for about a
+    fifth of the BN's time."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
+
+
 def scaled_batch_norm(
     bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``scale * bn(x)`` for a BN without affine parameters, in one pass: the scale is given to
-    F.batch_norm as the affine weight. The supernet's mixing weight w_o of an op ending in BN
-    costs no extra pass over the activations, and autograd keeps nothing more for its
-    gradient (w * bn(x) would keep bn(x)); BN's backward returns it. ``scale`` is a 0-dim
-    tensor; None gives bn(x). The running statistics are updated as ``bn(x)`` updates them.
+    """``scale * bn(x)`` (``bn(x)`` for None), accurate on channels-last CPU tensors too.
+
+    The scale (a 0-dim tensor) is given to F.batch_norm as the affine weight of a BN without
+    affine parameters: the supernet's mixing weight w_o of an op ending in BN costs no extra
+    pass over the activations, and autograd keeps nothing more for its gradient (w * bn(x)
+    would keep bn(x)); BN's backward returns it. Batch statistics of a channels-last CPU tensor
+    are taken after centring it (:func:`centers_batch`). The running statistics are updated as
+    ``bn(x)`` updates them.
     """
-    if scale is None:
-        return bn(x)
-    if bn.affine:
-        raise ValueError("scaled_batch_norm folds the scale into a BN without affine parameters")
+    weight: torch.Tensor | None = bn.weight
+    bias: torch.Tensor | None = bn.bias
+    if scale is not None:
+        if bn.affine:
+            raise ValueError(
+                "scaled_batch_norm folds the scale into a BN without affine parameters"
+            )
+        weight = scale.expand(x.shape[1]).contiguous()  # a stride-0 weight takes a slow kernel
     # nn.BatchNorm2d.forward's bookkeeping, unchanged.
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -71,16 +95,36 @@ def scaled_batch_norm(
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     stats = not bn.training or bn.track_running_stats
-    return F.batch_norm(
+    running_mean = bn.running_mean if stats else None
+    shift = None
+    if training and centers_batch(x):
+        with torch.no_grad():
+            shift = x.sum((0, 2, 3), keepdim=True).div_(x.numel() // x.shape[1])
+        x = x - shift  # the gradient of BN with respect to the shift is zero: it is a constant
+        if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
+            running_mean = running_mean.clone()
+    out = F.batch_norm(
         x,
-        bn.running_mean if stats else None,
+        running_mean,
         bn.running_var if stats else None,
-        scale.expand(x.shape[1]).contiguous(),  # a stride-0 weight takes a slow BN kernel
-        None,
+        weight,
+        bias,
         training,
         momentum,
         bn.eps,
     )
+    if shift is not None and running_mean is not None and bn.running_mean is not None:
+        with torch.no_grad():  # the copy was updated with the mean of x - shift
+            torch.add(running_mean, shift.view(-1), alpha=momentum, out=bn.running_mean)
+    return out
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and state-dict keys) computed by
+    :func:`scaled_batch_norm`: accurate on channels-last CPU tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scaled_batch_norm(self, x)
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -254,7 +298,7 @@ class StdConv(nn.Sequential):
         super().__init__(
             nn.ReLU(),
             nn.Conv2d(C_in, C_out, kernel_size, stride, padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
 
@@ -277,7 +321,7 @@ class DilConv(nn.Sequential):
                 C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False
             ),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +388,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU()
         self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_relu(self.relu(x))
@@ -398,7 +442,7 @@ class MixedOp(nn.Module):
                 continue
             op = OPS[name](C, stride, False)
             if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+                op = nn.Sequential(op, BatchNorm2d(C, affine=False))
             self.ops.append(op)
             self.op_index.append(i)
             if isinstance(op, DilConv):

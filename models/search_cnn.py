@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import genotypes as gt
 from models.ops import (
+    BatchNorm2d,
     FactorizedReduce,
     MixedOp,
     StdConv,
@@ -100,7 +101,7 @@ class SearchCNN(nn.Module):
         C_stem = stem_multiplier * C
         self.stem = nn.Sequential(
             nn.Conv2d(C_in, C_stem, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(C_stem),  # the only affine BN of the supernet
+            BatchNorm2d(C_stem),  # the only affine BN of the supernet
         )
         C_pp, C_p, C_cur = C_stem, C_stem, C
         self.cells = nn.ModuleList()

@@ -87,7 +87,7 @@ def test_two_process_search_with_torchrun(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("Final genotype = Genotype(") == 1  # only the first process prints
     log = (tmp_path / "searchs" / "ddp" / "search.log").read_text()
-    assert "DDP: weights and alphas are identical on the 2 processes" in log
+    assert "DDP: weights, alphas and BN statistics are identical on the 2 processes" in log
     assert (tmp_path / "searchs" / "ddp" / "genotype.txt").exists()
 
 
@@ -96,7 +96,7 @@ def test_two_process_second_order_search_keeps_replicas_identical(tmp_path):
     res = torchrun("search.py", "--name", "ddp2", *TINY_SEARCH, "--batch_size", "128", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     log = (tmp_path / "searchs" / "ddp2" / "search.log").read_text()
-    assert "DDP: weights and alphas are identical on the 2 processes" in log
+    assert "DDP: weights, alphas and BN statistics are identical on the 2 processes" in log
 
 
 @pytest.mark.slow
@@ -130,7 +130,8 @@ def test_two_process_augment_tests_every_image_once(launch, tmp_path):
 
     n_test = len(get_dataset("digits", "", train=False))
     assert rows[-1]["test_count"] == n_test  # every test image counted once
-    assert "DDP: weights are identical on the 2 processes" in (run / "augment.log").read_text()
+    log = (run / "augment.log").read_text()
+    assert "DDP: weights and BN statistics are identical on the 2 processes" in log
     # the accuracy over the shards equals one process evaluating the whole test set
     res = run_script(
         "evaluate.py", "--checkpoint", str(run / "best.pth.tar"), "--workers", "0", cwd=tmp_path

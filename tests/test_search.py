@@ -160,6 +160,7 @@ def test_help_prints_every_default(capsys):
         (["--dataset", "digits", "--gpus", "x"], "--gpus must be a comma list"),
         (["--dataset", "digits", "--device", "tpu"], "--device must be"),
         (["--dataset", "digits", "--hessian", "approx"], "--hessian must be finite or exact"),
+        (["--dataset", "digits", "--memory_format", "nhwc"], "--memory_format must be"),
         (["--dataset", "digits", "--device", "cuda"], "no CUDA GPU is visible"),
     ],
 )
@@ -182,3 +183,26 @@ def test_unwritable_output_folder(tmp_path, monkeypatch, capsys):
     code = search.main(["--name", "x", "--dataset", "digits", *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "cannot write to the output folder" in err and err.count("\n") == 1
+
+
+def test_memory_format_changes_the_layout_not_the_search(fake_data, tmp_path, monkeypatch):
+    """--memory_format channels_last (the default) runs the network NHWC, contiguous NCHW; the
+    weights they train agree to float32 rounding. (CIFAR-shaped data: with one input channel,
+    as in digits, the stem's weight has the same strides in both layouts. The alphas are not
+    compared: Adam moves an alpha by ~lr whatever the size of its gradient, so a gradient within
+    rounding of zero can step either way; tests/test_architect.py compares their gradients.)"""
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for fmt in ("channels_last", "contiguous"):
+        args = ["--name", fmt, "--dataset", "cifar10", "--data_path", fake_data, "--epochs", "1"]
+        args += ["--batch_size", "16", "--no_progress", "--memory_format", fmt]
+        assert search.main([*args, *TINY]) == 0
+        runs[fmt] = torch.load(
+            tmp_path / "searchs" / fmt / "checkpoint.pth.tar", weights_only=True
+        )["model"]
+    stem = {fmt: state["net.stem.0.weight"] for fmt, state in runs.items()}
+    assert stem["channels_last"].is_contiguous(memory_format=torch.channels_last)
+    assert not stem["contiguous"].is_contiguous(memory_format=torch.channels_last)
+    names = [k for k, v in runs["contiguous"].items() if k.endswith("weight") and "alpha" not in k]
+    a, b = (torch.cat([runs[fmt][k].flatten() for k in names]) for fmt in runs)
+    assert (a - b).norm() / b.norm() < 1e-5

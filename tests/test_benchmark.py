@@ -61,3 +61,23 @@ def test_bfloat16_is_refused_on_the_cpu():
     bench = load_benchmark()
     with pytest.raises(SystemExit):
         bench.main([*TINY, "--only", "weight", "--dtype", "bfloat16"])
+
+
+def test_hessian_check_reports_every_eps_scale(capsys):
+    """scripts/hessian_check.py on a tiny supernet: one line per eps scale. In float64 the
+    central difference at a small eps must agree with the exact product (it converges as
+    eps -> 0 while rounding stays far below): the script compares what it says it compares."""
+    spec = importlib.util.spec_from_file_location(
+        "hessian_check", os.path.join(ROOT, "scripts", "hessian_check.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--data", "digits", "--batch", "16", "--channels", "4", "--layers", "3"]
+    args += ["--train_steps", "1", "--dtype", "float64", "--scales", "0.01,1e-7"]
+    assert module.main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "cosine(finite, exact)" in ln]
+    assert len(lines) == 2
+    cos = [float(ln.split("cosine(finite, exact) = ")[1].split(",")[0]) for ln in lines]
+    rel = [float(ln.split("||finite - exact|| / ||exact|| = ")[1].split(",")[0]) for ln in lines]
+    assert all(-1 <= c <= 1 for c in cos)
+    assert cos[1] > 0.9999 and rel[1] < 1e-3

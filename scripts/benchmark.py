@@ -79,6 +79,11 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object per figure")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --only: profile one more step and print the top ops (to stderr)",
+    )
     return p
 
 
@@ -215,6 +220,17 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     mem, mem_kind = _peak_memory(device)
+    if args.profile:  # one more step, under the profiler: where the time goes, by op
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof, autocast:
+            step()
+            _sync(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     shape = _shape(args, figure)
     return {
         "figure": figure,
@@ -285,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     if ROOT not in sys.path:  # the scripts and models/ live one folder up
         sys.path.insert(0, ROOT)
+    if args.profile and args.only is None:
+        raise SystemExit("benchmark.py: --profile needs --only FIGURE (one figure, here)")
     if args.only is not None:
         results = [measure(args.only, args)]
     else:

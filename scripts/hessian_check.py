@@ -53,8 +53,8 @@ def batches(args: argparse.Namespace) -> tuple[int, int, list[tuple[torch.Tensor
     """(input channels, classes, a list of (X, y) batches: two per step, and two more)."""
     n = 2 * args.train_steps + 2
     if args.data == "random":
-        return 3, 10, [(torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,)))
-                       for _ in range(n)]
+        shape = (args.batch, 3, 32, 32)
+        return 3, 10, [(torch.randn(shape), torch.randint(0, 10, (args.batch,))) for _ in range(n)]
     from preproc import get_dataset
 
     data = get_dataset("digits", "", train=True)
@@ -62,7 +62,8 @@ def batches(args: argparse.Namespace) -> tuple[int, int, list[tuple[torch.Tensor
     out = []
     for i in range(n):
         idx = perm[(i * args.batch) % len(data) :][: args.batch]
-        out.append((torch.stack([data[j][0] for j in idx]), torch.tensor([data[j][1] for j in idx])))
+        X = torch.stack([data[j][0] for j in idx])
+        out.append((X, torch.tensor([data[j][1] for j in idx])))
     return out[0][0].shape[1], 10, out
 
 

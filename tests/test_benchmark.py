@@ -81,3 +81,12 @@ def test_hessian_check_reports_every_eps_scale(capsys):
     rel = [float(ln.split("||finite - exact|| / ||exact|| = ")[1].split(",")[0]) for ln in lines]
     assert all(-1 <= c <= 1 for c in cos)
     assert cos[1] > 0.9999 and rel[1] < 1e-3
+
+
+def test_profile_prints_the_top_ops(capsys):
+    bench = load_benchmark()
+    assert bench.main([*TINY, "--only", "weight", "--profile"]) == 0
+    err = capsys.readouterr().err
+    assert "Self CPU" in err and "aten::convolution_backward" in err
+    with pytest.raises(SystemExit, match="--profile needs --only"):
+        bench.main([*TINY, "--profile"])

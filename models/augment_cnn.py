@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 
 import genotypes as gt
-from models.ops import OPS, BatchNorm2d, FactorizedReduce, StdConv
+from models.ops import (
+    OPS,
+    BatchNorm2d,
+    DilConv,
+    FactorizedReduce,
+    SepConv,
+    StdConv,
+)
 from models.search_cnn import reduction_layers
 
 
@@ -29,7 +36,7 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     keep = 1.0 - p
     mask = x.new_empty((x.size(0),) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (N, 1, 1, 1)
-    return x * mask / keep
+    return x * mask.div_(keep)  # one pass over x: the (N, 1, 1, 1) mask carries the 1/(1-p)
 
 
 class AugmentCell(nn.Module):
@@ -76,11 +83,19 @@ class AugmentCell(nn.Module):
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         """s0, s1: outputs of cells k-2 and k-1 (their sizes match after preprocessing)."""
         states = [self.preproc0(s0), self.preproc1(s1)]  # 2 x (N, C, H, W)
+        # relu(state), once per state that feeds ops beginning with a ReLU (separable and
+        # dilated convs, FactorizedReduce): computed and kept for backward once, not per op.
+        relus: dict[int, torch.Tensor] = {}
         drop = self.drop_prob if self.training else 0.0
         for ops, inputs in zip(self.dag, self.inputs, strict=True):
             out: torch.Tensor | None = None
             for op, src in zip(ops, inputs, strict=True):  # type: ignore[call-overload]
-                h = op(states[src])
+                if isinstance(op, (SepConv, DilConv, FactorizedReduce)):
+                    if src not in relus:
+                        relus[src] = torch.relu(states[src])
+                    h = op.forward_relu(relus[src])
+                else:
+                    h = op(states[src])
                 if drop > 0.0 and not isinstance(op, nn.Identity):
                     h = drop_path(h, drop)  # DARTS.md section 2: every op but the identity
                 out = h if out is None else out + h

@@ -467,3 +467,31 @@ def test_one_epoch_on_fake_cifar10(fake_data, tmp_path, monkeypatch, capsys):
     assert "Final test top1 = " in out and "Best test top1 = " in out
     log = (tmp_path / "augments" / "c" / "augment.log").read_text()
     assert "on 8x8 maps" in log and "WARNING" not in log
+
+
+@pytest.mark.parametrize("genotype", [gt.DARTS_V2, gt.DARTS_V1])
+def test_cell_shares_relus_without_changing_the_result(genotype):
+    """A cell computes relu(state) once for all its ops that begin with a ReLU; its output and
+    gradients are those of every op applied on its own (its module's forward)."""
+    torch.manual_seed(0)
+    model = tiny(genotype, auxiliary=False).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+
+    def reference_cell(cell, s0, s1):
+        states = [cell.preproc0(s0), cell.preproc1(s1)]
+        for ops, inputs in zip(cell.dag, cell.inputs):
+            states.append(sum(op(states[src]) for op, src in zip(ops, inputs)))
+        return torch.cat([states[i] for i in cell.concat], dim=1)
+
+    outs, grads = [], []
+    for use_reference in (False, True):
+        model.zero_grad()
+        s0 = s1 = model.stem(x)
+        for cell in model.cells:
+            s0, s1 = s1, (reference_cell(cell, s0, s1) if use_reference else cell(s0, s1))
+        out = model.linear(model.gap(s1).flatten(1))
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from config import HESSIAN_MODES
 from models.search_cnn import SearchCNNController
 from utils import all_reduce_mean
 
-HESSIAN_MODES = ("finite", "exact")
 FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
 
 
@@ -100,7 +100,37 @@ class Architect:
         snapshot = self._buffers_snapshot()
         names, weights = zip(*self.net.named_weights())
         alphas = list(self.net.alphas())
+        val_loss, dalpha, dw = self._virtual_gradients(
+            names, weights, alphas, trn_X, trn_y, val_X, val_y, xi, w_optim
+        )
 
+        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights.
+        with torch.autocast(trn_X.device.type, enabled=False):
+            if self.hessian == "exact":
+                hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
+            else:
+                hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
+
+        all_reduce_mean(hessian)  # linear in the gradients: the mean of the processes' terms
+        for a, da, h in zip(alphas, dalpha, hessian):
+            a.grad = da - xi * h
+        self._restore(snapshot)
+        return val_loss.detach()
+
+    def _virtual_gradients(
+        self,
+        names: tuple[str, ...],
+        weights: tuple[nn.Parameter, ...],
+        alphas: list[nn.Parameter],
+        trn_X: torch.Tensor,
+        trn_y: torch.Tensor,
+        val_X: torch.Tensor,
+        val_y: torch.Tensor,
+        xi: float,
+        w_optim: torch.optim.Optimizer,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Steps 1 and 2 of the second-order gradient: (L_val(w', alpha), dalpha, dw'), with
+        dalpha = grad_alpha L_val(w', alpha) and dw' = grad_w' L_val(w', alpha)."""
         # 1. Virtual step w' = w - xi * (m * buf + grad_w L_trn(w, alpha) + wd * w). Alphas
         # frozen: no alpha gradient is wanted, and the graph does not keep the ops' outputs
         # that only the alpha gradient needs.
@@ -122,21 +152,7 @@ class Architect:
         val_loss = self._loss(dict(zip(names, w_virtual)), val_X, val_y)
         grads = torch.autograd.grad(val_loss, alphas + w_virtual)
         all_reduce_mean(grads)
-        dalpha, dw = grads[: len(alphas)], grads[len(alphas) :]
-        del w_virtual, grads
-
-        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights.
-        with torch.autocast(trn_X.device.type, enabled=False):
-            if self.hessian == "exact":
-                hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
-            else:
-                hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
-
-        all_reduce_mean(hessian)  # linear in the gradients: the mean of the processes' terms
-        for a, da, h in zip(alphas, dalpha, hessian):
-            a.grad = da - xi * h
-        self._restore(snapshot)
-        return val_loss.detach()
+        return val_loss, grads[: len(alphas)], grads[len(alphas) :]
 
     def _hessian_vector_product(
         self,

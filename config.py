@@ -17,6 +17,7 @@ from preproc import DATASETS
 
 T = TypeVar("T", bound="BaseConfig")
 MEMORY_FORMATS = ("channels_last", "contiguous")
+HESSIAN_MODES = ("finite", "exact")  # architect.Architect's hessian argument
 
 
 class ConfigError(ValueError):
@@ -173,8 +174,10 @@ class SearchConfig(BaseConfig):
     def check(self) -> None:
         super().check()
         _positive(self, "nodes")
-        if self.hessian not in ("finite", "exact"):
-            raise ConfigError(f"--hessian must be finite or exact, got {self.hessian!r}")
+        if self.hessian not in HESSIAN_MODES:
+            raise ConfigError(
+                f"--hessian must be {' or '.join(HESSIAN_MODES)}, got {self.hessian!r}"
+            )
         if not 0.0 < self.train_portion < 1.0:
             raise ConfigError(f"--train_portion must be in (0, 1), got {self.train_portion}")
         if not 0.0 <= self.select_portion < 1.0:

@@ -40,9 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("weight", "first_order", "second_order", "second_order_exact", "augment")
 SEARCH_DEFAULTS = {"batch": 64, "channels": 16, "layers": 8}
 AUGMENT_DEFAULTS = {"batch": 96, "channels": 36, "layers": 20}
-LR, MOMENTUM, WEIGHT_DECAY, GRAD_CLIP = 0.025, 0.9, 3e-4, 5.0  # DARTS.md, section 3
-ALPHA_LR, ALPHA_WD = 3e-4, 1e-3
-AUX_WEIGHT, DROP_PATH = 0.4, 0.2
 N_CLASSES = 10
 
 
@@ -120,11 +117,11 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     import genotypes as gt
     import search
     from architect import Architect
+    from config import AugmentConfig, SearchConfig
     from models.augment_cnn import AugmentCNN
     from models.search_cnn import SearchCNNController
 
-    def use_channels_last(net: nn.Module) -> None:
-        net.to(memory_format=torch.channels_last)
+    s, a = SearchConfig(), AugmentConfig()  # the scripts' defaults (the paper's)
 
     shape = _shape(args, figure)
     torch.manual_seed(args.seed)
@@ -141,14 +138,16 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
             args.size, 3, shape["channels"], N_CLASSES, shape["layers"], True, gt.DARTS_V2
         ).to(device)
         if channels_last:
-            use_channels_last(net)
+            net.to(memory_format=torch.channels_last)
         net.train()
-        net.drop_path_prob(DROP_PATH)
-        optim = torch.optim.SGD(net.parameters(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        net.drop_path_prob(a.drop_path_prob)
+        optim = torch.optim.SGD(
+            net.parameters(), a.lr, momentum=a.momentum, weight_decay=a.weight_decay
+        )
         X, y = batch(shape["batch"])
 
         def augment_step() -> None:
-            augment.train_step(net, optim, X, y, AUX_WEIGHT, GRAD_CLIP)
+            augment.train_step(net, optim, X, y, a.aux_weight, a.grad_clip)
 
         return augment_step
 
@@ -156,11 +155,13 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
         3, shape["channels"], N_CLASSES, shape["layers"], nn.CrossEntropyLoss()
     ).to(device)
     if channels_last:
-        use_channels_last(model)
+        model.to(memory_format=torch.channels_last)
     model.train()
-    w_optim = torch.optim.SGD(model.weights(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    w_optim = torch.optim.SGD(
+        model.weights(), s.w_lr, momentum=s.w_momentum, weight_decay=s.w_weight_decay
+    )
     alpha_optim = torch.optim.Adam(
-        model.alphas(), ALPHA_LR, betas=(0.5, 0.999), weight_decay=ALPHA_WD
+        model.alphas(), s.alpha_lr, betas=(0.5, 0.999), weight_decay=s.alpha_weight_decay
     )
     trn, val = batch(shape["batch"]), batch(shape["batch"])
 
@@ -170,7 +171,7 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
             w_optim.zero_grad(set_to_none=True)
             with model.alphas_frozen():
                 model.loss(*trn).backward()
-            nn.utils.clip_grad_norm_(model.weights(), GRAD_CLIP)
+            nn.utils.clip_grad_norm_(model.weights(), s.w_grad_clip)
             w_optim.step()
 
         return weight_step
@@ -179,12 +180,12 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     # (no hessian argument for "finite": the default, so that the script also times a checkout
     # from before --hessian existed, for a before/after comparison)
     kwargs = {"hessian": hessian} if hessian != "finite" else {}
-    architect = Architect(model, MOMENTUM, WEIGHT_DECAY, **kwargs)
+    architect = Architect(model, s.w_momentum, s.w_weight_decay, **kwargs)
     first_order = figure == "first_order"
 
     def step() -> None:
         search.search_step(
-            model, architect, w_optim, alpha_optim, trn, val, LR, first_order, GRAD_CLIP
+            model, architect, w_optim, alpha_optim, trn, val, s.w_lr, first_order, s.w_grad_clip
         )
 
     return step

@@ -26,9 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import search  # noqa: E402
 from architect import Architect  # noqa: E402
+from config import SearchConfig  # noqa: E402
 from models.search_cnn import SearchCNNController  # noqa: E402
 
-LR, MOMENTUM, WEIGHT_DECAY, GRAD_CLIP = 0.025, 0.9, 3e-4, 5.0
+CFG = SearchConfig()  # the search defaults (the paper's): learning rates, momentum, decay
+LR = CFG.w_lr  # xi of the virtual step, as search.py sets it at the first epoch
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -76,30 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "float64":
         model.double()
         data = [(X.double(), y) for X, y in data]
-    w_optim = torch.optim.SGD(model.weights(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    a_optim = torch.optim.Adam(model.alphas(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-    architect = Architect(model, MOMENTUM, WEIGHT_DECAY)
+    w_optim = torch.optim.SGD(
+        model.weights(), LR, momentum=CFG.w_momentum, weight_decay=CFG.w_weight_decay
+    )
+    a_optim = torch.optim.Adam(
+        model.alphas(), CFG.alpha_lr, betas=(0.5, 0.999), weight_decay=CFG.alpha_weight_decay
+    )
+    architect = Architect(model, CFG.w_momentum, CFG.w_weight_decay)
     for i in range(args.train_steps):
-        search.search_step(
-            model, architect, w_optim, a_optim, data[2 * i], data[2 * i + 1], LR, True, GRAD_CLIP
-        )
+        trn, val = data[2 * i], data[2 * i + 1]
+        search.search_step(model, architect, w_optim, a_optim, trn, val, LR, True, CFG.w_grad_clip)
     (trn_X, trn_y), (val_X, val_y) = data[-2], data[-1]
 
-    # The quantities of Architect.unrolled_backward, step by step.
+    # The quantities of Architect.unrolled_backward, by its own steps.
     names, weights = zip(*model.named_weights())
     alphas = list(model.alphas())
-    with model.alphas_frozen():
-        g_trn = torch.autograd.grad(model.loss(trn_X, trn_y), weights)
-    with torch.no_grad():
-        w_virtual = []
-        for w, g in zip(weights, g_trn):
-            buf = w_optim.state.get(w, {}).get("momentum_buffer")
-            step = g + WEIGHT_DECAY * w + (MOMENTUM * buf if buf is not None else 0)
-            w_virtual.append((w - LR * step).requires_grad_())
-    grads = torch.autograd.grad(
-        architect._loss(dict(zip(names, w_virtual)), val_X, val_y), alphas + w_virtual
+    _, dalpha, dw = architect._virtual_gradients(
+        names, weights, alphas, trn_X, trn_y, val_X, val_y, LR, w_optim
     )
-    dalpha, dw = grads[: len(alphas)], grads[len(alphas) :]
 
     def flat(ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.cat([t.flatten() for t in ts]).double()

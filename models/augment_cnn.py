@@ -14,14 +14,7 @@ import torch
 import torch.nn as nn
 
 import genotypes as gt
-from models.ops import (
-    OPS,
-    BatchNorm2d,
-    DilConv,
-    FactorizedReduce,
-    SepConv,
-    StdConv,
-)
+from models.ops import OPS, RELU_FIRST, BatchNorm2d, FactorizedReduce, StdConv
 from models.search_cnn import reduction_layers
 
 
@@ -90,7 +83,7 @@ class AugmentCell(nn.Module):
         for ops, inputs in zip(self.dag, self.inputs, strict=True):
             out: torch.Tensor | None = None
             for op, src in zip(ops, inputs, strict=True):  # type: ignore[call-overload]
-                if isinstance(op, (SepConv, DilConv, FactorizedReduce)):
+                if isinstance(op, RELU_FIRST):
                     if src not in relus:
                         relus[src] = torch.relu(states[src])
                     h = op.forward_relu(relus[src])

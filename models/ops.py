@@ -38,28 +38,15 @@ OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
 assert set(OPS) == set(PRIMITIVES), "OPS and genotypes.PRIMITIVES must name the same ops"
 
 
-def use_channels_last(model: nn.Module) -> nn.Module:
-    """Store the 4-d weights of ``model`` channels-last (NHWC), in place; returns ``model``.
-
-    Every conv then takes and gives channels-last activations (the stem turns an NCHW batch into
-    NHWC), and so do BN, pooling, padding and concatenation: the whole network runs NHWC. On a
-    CPU this takes oneDNN's NHWC kernels, about twice as fast for the depthwise convs and the
-    pooling of DARTS' cells (docs/benchmarks.md). Call it after ``.to(device)`` and before the
-    optimizers are built (their buffers copy the parameters' layout). The values are those of
-    the NCHW network up to the last bits of float rounding (the kernels sum in other orders).
-    """
-    return model.to(memory_format=torch.channels_last)
-
-
 def centers_batch(x: torch.Tensor) -> bool:
     """Whether :func:`scaled_batch_norm` centres ``x`` before normalising it: a channels-last
     4-d CPU tensor. PyTorch's channels-last CPU BN kernel adds the N * H * W values of a channel
     one after the other in float32, so its statistics lose digits in proportion to the channel's
-    mean over its spread: a conv output with mean 20 and std 1 comes out of it 1e-4 wrong, and
-    its input gradient in DARTS' cells up to 1e-2 wrong (relative to the float64 result), where
-    the NCHW kernel is right to 1e-6. BN is shift invariant, so subtracting the batch mean
-    (an accurate torch.sum) first changes nothing but the rounding: 1e-6 again, for about a
-    fifth of the BN's time."""
+    mean over its spread: for a channel of mean 100 and std 1 its output is ~1e-4 off the
+    float64 result (NCHW: 3e-7), and the supernet's float32 gradient went from 0.7e-3 (NCHW) to
+    2.8e-3 (relative L2, docs/benchmarks.md). BN is shift invariant, so subtracting the batch
+    mean (an accurate torch.sum) first changes nothing but the rounding: back to 0.9e-3, for
+    about 6% of a weight step."""
     return (
         x.device.type == "cpu"
         and x.dim() == 4
@@ -414,6 +401,11 @@ class FactorizedReduce(nn.Module):
         return scaled_batch_norm(self.bn, h, scale, fresh=True)
 
 
+# The ops that begin with a ReLU and take ``forward_relu(relu(x), ...)``: the cells compute
+# relu(state) once for all of them.
+RELU_FIRST = (SepConv, DilConv, FactorizedReduce)
+
+
 class Zero(nn.Module):
     """The `none` op. Only used where a zero tensor is really needed: MixedOp skips it."""
 
@@ -455,7 +447,7 @@ class MixedOp(nn.Module):
             self.op_index.append(i)
             if isinstance(op, DilConv):
                 self.kind.append("dil")
-            elif isinstance(op, (SepConv, FactorizedReduce)):
+            elif isinstance(op, RELU_FIRST):
                 self.kind.append("relu")
             else:
                 self.kind.append("pool" if "pool" in name else "plain")

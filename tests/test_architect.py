@@ -182,11 +182,10 @@ def test_unknown_hessian_mode_is_refused():
 
 
 def test_second_order_on_a_channels_last_network_matches_nchw():
-    """The NHWC network (models.ops.use_channels_last) gives the same alpha gradient."""
-    from models.ops import use_channels_last
+    """The NHWC network (.to(memory_format=torch.channels_last)) gives the same alpha gradient."""
 
     net, w_optim, trn, val = make_setup()
-    net_cl = use_channels_last(copy.deepcopy(net))
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     opt_cl = torch.optim.SGD(net_cl.weights(), XI, momentum=MOMENTUM, weight_decay=WD)
     opt_cl.load_state_dict(w_optim.state_dict())
     Architect(net, MOMENTUM, WD).unrolled_backward(*trn, *val, XI, w_optim)

@@ -244,12 +244,12 @@ def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_l
     (as SearchCell does) or not."""
     import copy
 
-    from models.ops import phases_apply, to_phases, use_channels_last
+    from models.ops import phases_apply, to_phases
 
     torch.manual_seed(0)
     mixed = MixedOp(4, stride).double()
     if channels_last:
-        use_channels_last(mixed)
+        mixed.to(memory_format=torch.channels_last)
     ref = copy.deepcopy(mixed)
     fmt = CL if channels_last else torch.contiguous_format
     x = torch.randn(2, 4, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
@@ -279,12 +279,11 @@ def test_channels_last_supernet_keeps_parameters_and_values():
 
     import torch.nn as nn
 
-    from models.ops import use_channels_last
     from models.search_cnn import SearchCNNController
 
     torch.manual_seed(0)
     net = SearchCNNController(3, 4, 10, 3, nn.CrossEntropyLoss()).double()
-    net_cl = use_channels_last(copy.deepcopy(net))
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in net_cl.named_parameters()]
     assert net_cl.net.stem[0].weight.is_contiguous(memory_format=CL)
     X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))

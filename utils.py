@@ -400,11 +400,18 @@ def init_distributed(cfg: BaseConfig) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def world_size() -> int:
+    """Processes in the default process group; 1 when there is none."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
     """Average tensors in place across processes (no-op in a single process)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     tensors = list(tensors)
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -421,7 +428,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum scalars across processes (identity in a single process)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -508,7 +515,7 @@ def broadcast_buffers(module: nn.Module) -> None:
     process) holds. A no-op in a single process."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     for b in module.buffers():
         dist.broadcast(b, src=0)
@@ -521,7 +528,7 @@ def replicas_identical(module: nn.Module) -> bool:
 
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return True
     h = hashlib.sha256()
     for _, p in sorted([*module.named_parameters(), *module.named_buffers()]):

@@ -39,6 +39,14 @@ PRIMITIVES: list[str] = [
 
 N_INPUT_NODES = 2
 
+# Bounds on what a genotype may describe, checked before anything is built from the input, so
+# that no string can exhaust memory or time (parsing any accepted string takes milliseconds and
+# a few MB). All are generous: DARTS cells have 4 nodes of 2 inputs each, in about 500 characters.
+MAX_NODES = 64  # intermediate nodes per cell; also the length of a concat range or list
+MAX_INPUTS = 64  # (op, input) pairs per node
+MAX_CHARS = 20_000  # a genotype string or file; ~3x the nested form of a 64-node DARTS cell
+MAX_INT = 2**63  # |integer| in a genotype: larger ones are refused before they are printed
+
 
 class GenotypeError(ValueError):
     """A genotype that cannot be parsed or does not describe a valid cell (one-line message)."""
@@ -92,15 +100,25 @@ def canonical(genotype: Genotype) -> Genotype:
 _FIELDS = Genotype._fields
 
 
-def _bad(node: ast.AST, src: str, why: str) -> GenotypeError:
+def _token(node: ast.AST, src: str) -> str:
     token = ast.get_source_segment(src, node) or type(node).__name__
-    if len(token) > 60:
-        token = token[:57] + "..."
-    return GenotypeError(f"{why}: {token!r}")
+    return token if len(token) <= 60 else token[:57] + "..."
+
+
+def _bad(node: ast.AST, src: str, why: str) -> GenotypeError:
+    return GenotypeError(f"{why}: {_token(node, src)!r}")
+
+
+def _at_most(node: ast.AST, src: str, field: str, n: int, limit: int, what: str) -> None:
+    """Refuse a list or range of ``n`` elements, before it is built, if ``n`` > ``limit``."""
+    if n > limit:
+        raise GenotypeError(f"{field} {_token(node, src)} has {n} elements; {what}")
 
 
 def _literal_int(node: ast.AST, src: str) -> int:
     if isinstance(node, ast.Constant) and type(node.value) is int:
+        if abs(node.value) > MAX_INT:
+            raise _bad(node, src, "integer too large")
         return node.value
     raise _bad(node, src, "expected an integer")
 
@@ -118,6 +136,8 @@ def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
     """Nested form (a list per node) or the authors' flat form (two pairs per node)."""
     if not isinstance(node, (ast.List, ast.Tuple)) or not node.elts:
         raise _bad(node, src, f"{field} must be a non-empty list")
+    cell = f"a cell has at most {MAX_NODES} nodes"
+    _at_most(node, src, field, len(node.elts), 2 * MAX_NODES, f"{cell} (flat form: 2 pairs each)")
     nested = [
         isinstance(e, (ast.List, ast.Tuple))
         and e.elts
@@ -125,7 +145,12 @@ def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
         for e in node.elts
     ]
     if all(nested):
-        return [[_pair(p, src) for p in n.elts] for n in node.elts]  # type: ignore[attr-defined]
+        nodes: list[ast.List | ast.Tuple] = node.elts  # type: ignore[assignment]
+        _at_most(node, src, field, len(nodes), MAX_NODES, cell)
+        for n in nodes:
+            what = f"a node has at most {MAX_INPUTS} inputs"
+            _at_most(n, src, f"{field} node", len(n.elts), MAX_INPUTS, what)
+        return [[_pair(p, src) for p in n.elts] for n in nodes]
     if any(nested):
         raise GenotypeError(f"{field} mixes the nested and the flat form")
     pairs = [_pair(p, src) for p in node.elts]
@@ -138,6 +163,7 @@ def _cell(node: ast.AST, src: str, field: str) -> list[list[tuple[str, int]]]:
 
 
 def _concat_node(node: ast.AST, src: str, field: str) -> list[int]:
+    cell = f"a cell has at most {MAX_NODES} nodes"
     if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
@@ -146,8 +172,11 @@ def _concat_node(node: ast.AST, src: str, field: str) -> list[int]:
         and 1 <= len(node.args) <= 2
     ):
         bounds = [_literal_int(a, src) for a in node.args]
-        return list(range(*bounds))
+        start, stop = (0, *bounds) if len(bounds) == 1 else bounds
+        _at_most(node, src, field, max(0, stop - start), MAX_NODES, cell)
+        return list(range(start, stop))
     if isinstance(node, (ast.List, ast.Tuple)):
+        _at_most(node, src, field, len(node.elts), MAX_NODES, cell)
         return [_literal_int(e, src) for e in node.elts]
     raise _bad(node, src, f"{field} must be range(a, b) or a list of integers")
 
@@ -158,10 +187,19 @@ def validate(genotype: Genotype) -> Genotype:
         nodes = getattr(genotype, field)
         if not nodes:
             raise GenotypeError(f"wrong number of nodes: {field} has no nodes")
+        if len(nodes) > MAX_NODES:
+            raise GenotypeError(
+                f"wrong number of nodes: {field} has {len(nodes)}; a cell has at most {MAX_NODES}"
+            )
         for i, node in enumerate(nodes):
             node_id = N_INPUT_NODES + i
             if not node:
                 raise GenotypeError(f"{field} node {node_id} has no inputs")
+            if len(node) > MAX_INPUTS:
+                raise GenotypeError(
+                    f"{field} node {node_id} has {len(node)} inputs; a node has at most "
+                    f"{MAX_INPUTS}"
+                )
             for op, src in node:
                 if op not in PRIMITIVES:
                     raise GenotypeError(
@@ -192,17 +230,35 @@ def from_str(s: str) -> Genotype:
     """Parse ``Genotype(normal=..., normal_concat=..., reduce=..., reduce_concat=...)``.
 
     Accepts the nested form the search prints and the authors' flat form, or a published name
-    (``DARTS_V1``, ``DARTS_V2``, ``DARTS``). Raises :class:`GenotypeError` naming the bad token.
+    (``DARTS_V1``, ``DARTS_V2``, ``DARTS``). Raises :class:`GenotypeError` naming the bad token,
+    for any input: its size is bounded (``MAX_CHARS``, ``MAX_NODES``, ``MAX_INPUTS``) before
+    anything is built from it, and input nested too deeply for the parser is refused.
     """
     s = s.strip()
     if s in NAMED:
         return NAMED[s]
-    try:
-        tree = ast.parse(s, mode="eval").body
-    except SyntaxError as e:
+    if len(s) > MAX_CHARS:
         raise GenotypeError(
-            f"not a genotype (syntax error at column {e.offset}): {s[:60]!r}"
+            f"not a genotype: {len(s)} characters, at most {MAX_CHARS}: {s[:40]!r}..."
+        )
+    try:
+        return _from_tree(s)
+    except GenotypeError:
+        raise
+    except SyntaxError as e:
+        where = f" at column {e.offset}" if e.offset else ""
+        raise GenotypeError(f"not a genotype (syntax error{where}): {s[:60]!r}") from None
+    except (RecursionError, MemoryError):  # the parser's stack, on input nested too deeply
+        raise GenotypeError(
+            f"not a genotype (nested too deeply or too large): {s[:60]!r}"
         ) from None
+    except ValueError:  # e.g. a lone surrogate: bytes of the command line that are not UTF-8
+        raise GenotypeError(f"not a genotype (not valid text): {s[:60]!r}") from None
+
+
+def _from_tree(s: str) -> Genotype:
+    """:func:`from_str` proper: parse ``s`` and walk its tree (a few fixed levels deep)."""
+    tree = ast.parse(s, mode="eval").body
     if not (
         isinstance(tree, ast.Call)
         and isinstance(tree.func, ast.Name)
@@ -238,9 +294,13 @@ def load(arg: str) -> Genotype:
     if os.path.isfile(arg):
         try:
             with open(arg) as f:
-                text = f.read()
+                text = f.read(MAX_CHARS + 1)  # never more: the file may be huge
         except OSError as e:
             raise GenotypeError(f"cannot read genotype file {arg}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise GenotypeError(f"cannot read genotype file {arg}: not a text file") from None
+        if len(text) > MAX_CHARS:
+            raise GenotypeError(f"{arg}: not a genotype: over {MAX_CHARS} characters")
         try:
             return from_str(text)
         except GenotypeError as e:

@@ -1,0 +1,253 @@
+"""Nothing lost: atomic checkpoints loaded with ``weights_only``, the check of a run folder
+against ``--resume``, the lock that gives a run folder to one process, every RNG state, and the
+clean stop on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils import ConfigError, atomic_write
+
+CHECKPOINT = "checkpoint.pth.tar"
+LOCK = ".lock"
+
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {
+    "resume",
+    "memory_format",
+    "workers",
+    "print_freq",
+    "device",
+    "gpus",
+    "data_path",
+    "no_progress",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Write atomically (:func:`utils.atomic_write`), flushed to the disk before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; ConfigError with one line if it is
+    missing, truncated, corrupt or not one of ours."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ConfigError(f"{path} is not a checkpoint of this project")
+    return state
+
+
+def check_resume(run_dir: str, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """Check the run folder against ``--resume`` before anything is written.
+
+    Returns the checkpoint to resume from (None for a fresh run). A fresh run never
+    overwrites a checkpoint; a resumed run must have the configuration (``config``, the
+    run's settings as a dict) it was started with, but for :data:`RESUMABLE_CHANGES`.
+    """
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not resume:
+        if os.path.exists(path):
+            raise ConfigError(
+                f"{run_dir} already holds a checkpoint: add --resume to continue that run, "
+                f"or choose a new --name"
+            )
+        return None
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: there is no checkpoint to resume at {path}")
+    state = load_checkpoint(path)
+    saved = state["config"]
+    for key in sorted(set(saved) | set(config)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != config.get(key):
+            raise ConfigError(
+                f"{path} was made with --{key} {saved.get(key)}, this run asks for "
+                f"--{key} {config.get(key)}: resume with the settings of the run"
+            )
+    return state
+
+
+def last_checkpoint(run_dir: str) -> str:
+    path = os.path.join(run_dir, CHECKPOINT)
+    return path if os.path.exists(path) else "none yet"
+
+
+# --------------------------------------------------------------------------------------------
+# One process per run folder
+# --------------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock`` for the life of the process.
+
+    The kernel releases it when the process ends, however it ends (``kill -9`` too), so there
+    is never a stale lock to clean up. The file holds the holder's process id, for the message
+    a second process gets: ConfigError "... is in use by process N"."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, LOCK)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{run_dir} is in use by process {holder}: another run is writing there; wait "
+                f"for it to end (or stop it), or choose a new --name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run depends on: Python, NumPy, torch (CPU, CUDA) and the data order."""
+    # Only tensors and plain values, so the checkpoint loads with weights_only=True.
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "python": list(internal) + [version, gauss],
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["data"])
+
+
+# --------------------------------------------------------------------------------------------
+# A clean stop on SIGTERM / SIGINT
+# --------------------------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """SIGTERM (or Ctrl-C) arrived; the last completed epoch's checkpoint is on disk."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_held: list[int] | None = None  # stop signals held back by stop_signals_held(), else None
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` inside the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back inside the block; one that arrived meanwhile raises
+    :class:`Interrupted` when the block ends.
+
+    Data-loader workers are forked inside it (``iter(loader)``): they inherit this thread's
+    blocked mask, so a signal sent to the whole process group (SLURM's preemption, ``timeout``,
+    Ctrl-C in a terminal) leaves them alone, and the main process alone stops the run and shuts
+    them down (:func:`ignore_stop_signals` covers workers started any other way). The main
+    process itself may take the signal on another of its threads (gloo's, pin-memory's); its
+    handler then only notes it, so no iterator is left half-built."""
+    global _held
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if held:
+        raise Interrupted(held[0])
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every data loader: the worker ignores SIGTERM and SIGINT and leaves
+    them to the main process (see :func:`stop_signals_held`)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def resume_hint(script: str, run_dir: str, argv: list[str]) -> str:
+    """One line telling the user how to continue an interrupted run."""
+    ckpt = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(ckpt):
+        return f"no epoch was completed, nothing to resume in {run_dir}"
+    args = " ".join(shlex.quote(a) for a in argv if a != "--resume")
+    return (
+        f"the last completed epoch is saved in {ckpt}; continue with: "
+        f"python {script} {args} --resume"
+    )

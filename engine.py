@@ -1,0 +1,421 @@
+"""The training machinery every stage shares (in the spirit of DeiT's engine.py).
+
+A stage (search.py, augment.py) owns its model, its loaders, its step function and its log
+lines; everything around them lives here, once:
+
+* :class:`Run`: the run's set-up (device and process group, run folder and its lock, logger,
+  tensorboard writer, resume state) and its end-of-epoch bookkeeping (tensorboard, JSON lines,
+  atomic checkpoint);
+* :func:`train_one_epoch`: the epoch loop around a step function, with the non-finite stop;
+* :func:`evaluate`: loss, top-1 and top-5 over a loader, summed over the DDP shards;
+* :func:`data_loader`: a DataLoader whose workers leave SIGTERM / SIGINT to the main process;
+* :func:`script_main`: the command-line frame (one-line errors, exit statuses, ``--gpus``).
+
+A run, as the stages use it::
+
+    with Run.open(cfg, "searchs", "search") as run:  # reads only: device, resume check
+        loaders = make_loaders(cfg, run)             # data checks, before anything is written
+        run.start("Search")                          # folder, lock, log, config.json, seed
+        run.track(model=model, w_optim=w_optim, ...) # what the checkpoint holds
+        for epoch in run.epochs():                   # resumes after the last saved epoch
+            train = train_one_epoch(run, step, loader, epoch)
+            run.end_epoch(record, ...)               # tensorboard, metrics.jsonl, checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+import distributed
+from checkpoint import (
+    CHECKPOINT,
+    Interrupted,
+    RunLock,
+    check_resume,
+    ignore_stop_signals,
+    interruptible,
+    last_checkpoint,
+    resume_hint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_signals_held,
+)
+from utils import (
+    ConfigError,
+    Meters,
+    NullWriter,
+    UserError,
+    get_logger,
+    memory_format,
+    progress,
+    set_seed,
+    write_jsonl,
+)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the message names the epoch, step and last checkpoint."""
+
+
+class StageConfig(Protocol):
+    """What the engine reads of a stage's config (config.BaseConfig has it all)."""
+
+    name: str
+    device: str
+    seed: int
+    epochs: int
+    print_freq: int
+    no_progress: bool
+    resume: bool
+    memory_format: str
+
+    def gpu_ids(self) -> list[int] | None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def save(self, path: str) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def data_loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw: Any) -> Any:
+    """A DataLoader whose worker processes ignore SIGTERM and SIGINT: a signal to the whole
+    process group stops the run the same way as a signal to the main process alone."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        **kw,
+    )
+
+
+class Paired:
+    """Two loaders stepped together (the search's weight and alpha halves); as long as the
+    shorter one."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return min(len(self.a), len(self.b))
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return zip(self.a, self.b)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or tuples of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(_to(b, device) for b in batch)
+
+
+def _batches(loader: Iterable) -> Iterator:
+    """Iterate ``loader``, its worker processes forked with SIGTERM / SIGINT blocked
+    (:func:`checkpoint.stop_signals_held`)."""
+    with stop_signals_held():
+        it = iter(loader)
+    return it
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """One run of a stage in ``<root>/<name>/``. Only the first process under DDP writes."""
+
+    cfg: StageConfig
+    stage: str  # "search", "augment": names the log file and the logger
+    dir: str
+    dist: distributed.DistInfo
+    device: torch.device
+    resumed: dict[str, Any] | None
+    logger: Any = None
+    writer: Any = None
+    lock: RunLock | None = None
+    tracked: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved counters (best ...)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    global_step: int = 0
+    data_gen: torch.Generator = dataclasses.field(default_factory=torch.Generator)
+    _epoch_t0: float = 0.0
+
+    @classmethod
+    def open(cls, cfg: StageConfig, root: str, stage: str) -> Run:
+        """Join the process group, pick the device and check the run folder against
+        ``--resume``. Writes nothing: bad input stops before the folder exists."""
+        info, device = distributed.init_distributed(cfg.device, cfg.gpu_ids())
+        run_dir = os.path.join(root, cfg.name)
+        resumed = check_resume(run_dir, cfg.to_dict(), cfg.resume)
+        gen = torch.Generator().manual_seed(cfg.seed)  # batch order and loader-worker seeds
+        return cls(cfg, stage, run_dir, info, device, resumed, data_gen=gen)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def start(self, title: str) -> None:
+        """Make the run folder and take its lock (first process only), open the log and write
+        the config, then seed every RNG. ``title`` heads the log ("Search", "Augment")."""
+        if self.is_main:
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+                self.lock = RunLock(self.dir)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write to the output folder {self.dir}: {e.strerror}"
+                ) from None
+            if self.resumed is None:  # a run that ended while this one started
+                check_resume(self.dir, {}, resume=False)
+        self.logger = get_logger(
+            self.path(f"{self.stage}.log"), f"darts.{self.stage}", self.is_main
+        )
+        self.logger.info(
+            f"{title} on {self.device} (PyTorch {torch.__version__}) with config:\n{self.cfg}"
+        )
+        if self.is_main:
+            self.cfg.save(self.path("config.json"))
+        # The same seed in every process: the same initial weights (and alphas), and RNG streams
+        # that the checkpoint of the first process restores for all of them.
+        set_seed(self.cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def place(self, model: M) -> M:
+        """``model`` on the run's device, in the memory format of ``--memory_format``."""
+        return model.to(self.device).to(memory_format=memory_format(self.cfg.memory_format))
+
+    def track(self, **objects: Any) -> None:
+        """The objects whose ``state_dict`` the checkpoint holds (model, optimizers, scheduler),
+        under their keyword; with ``--resume`` their state is restored here, with the history,
+        the counters in :attr:`extra`, the global step and every RNG."""
+        self.tracked = objects
+        if self.resumed is not None:
+            for key, obj in objects.items():
+                obj.load_state_dict(self.resumed[key])
+            set_rng_state(self.resumed["rng"], self.data_gen)
+            self.history = self.resumed["history"]
+            self.global_step = self.resumed["global_step"]
+            self.extra = {k: self.resumed[k] for k in self.extra}
+            self.logger.info(
+                f"Resumed from {self.path(CHECKPOINT)} after epoch {self.resumed['epoch']}"
+            )
+        if self.is_main:
+            from tensorboardX import SummaryWriter  # a heavy import, only needed by a run
+
+            # purge_step drops what an interrupted run logged after its last checkpoint.
+            purge = self.global_step + 1 if self.resumed is not None else None
+            self.writer = SummaryWriter(log_dir=self.path("tb"), purge_step=purge)
+        else:
+            self.writer = NullWriter()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.tracked["model"]
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs still to run (1-based), timing each."""
+        start = self.resumed["epoch"] + 1 if self.resumed is not None else 1
+        for epoch in range(start, self.cfg.epochs + 1):
+            self._epoch_t0 = time.time()
+            yield epoch
+
+    def end_epoch(
+        self,
+        record: dict[str, Any],
+        detail: dict[str, Any] | None = None,
+        is_best: bool = False,
+        write_files: Callable[[], None] | None = None,
+    ) -> None:
+        """Close an epoch: ``record`` (the epoch's numbers; ``epoch`` first) goes to tensorboard,
+        the history and metrics.jsonl, ``detail`` (bulky per-epoch values such as the alphas)
+        to the history only. Then the checkpoint (and ``best.pth.tar`` when ``is_best``) and
+        ``write_files()``, all rebuilt from the history, so a resumed run has every epoch once.
+        """
+        epoch = record["epoch"]
+        record["time"] = time.time() - self._epoch_t0
+        for k, v in record.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self.writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+        detail = detail or {}
+        self.history.append({**record, **detail})
+        if not self.is_main:
+            return
+        state = {key: obj.state_dict() for key, obj in self.tracked.items()}
+        state.update(
+            epoch=epoch,
+            global_step=self.global_step,
+            history=self.history,
+            config=self.cfg.to_dict(),
+            rng=rng_state(self.data_gen),
+            **self.extra,
+        )
+        save_checkpoint(state, self.path(CHECKPOINT))
+        if is_best:
+            save_checkpoint(state, self.path("best.pth.tar"))
+        t_files = time.time()
+        rows = [{k: v for k, v in h.items() if k not in detail} for h in self.history]
+        write_jsonl(self.path("metrics.jsonl"), rows)
+        if write_files is not None:
+            write_files()
+        self.logger.info(
+            f"Epoch {epoch} done in {time.time() - self._epoch_t0:.1f}s "
+            f"(files and plots {time.time() - t_files:.1f}s)"
+        )
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Close the writer and the log, release the run folder's lock (the process ending
+        would release it too)."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.logger is not None:
+            for h in list(self.logger.handlers):
+                self.logger.removeHandler(h)
+                h.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def check_replicas(self, what: str) -> None:
+        """Under DDP, log whether the replicas ended identical. ``what`` names what must be
+        identical ("weights, alphas and BN statistics")."""
+        if self.dist.enabled:
+            same = distributed.replicas_identical(self.model)
+            self.logger.info(
+                f"DDP: {what} are {'identical' if same else 'DIFFERENT'} on the "
+                f"{self.dist.world_size} processes"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# The loops
+# --------------------------------------------------------------------------------------------
+StepFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def train_one_epoch(run: Run, step: StepFn, loader: Any, epoch: int) -> dict[str, float]:
+    """One epoch of ``step(batch) -> (loss, logits, target)`` over ``loader``, batches on the
+    run's device. Logs every ``print_freq`` steps and the training loss to tensorboard; stops
+    with :class:`NonFiniteLossError` on a NaN or infinite loss. At the end every process holds
+    the first process's BN statistics (:func:`distributed.broadcast_buffers`), so evaluations
+    and the checkpoint see one network. Returns the epoch's loss, top1 and top5."""
+    cfg = run.cfg
+    run.model.train()
+    meters = Meters()
+    n_steps = len(loader)
+    steps = progress(_batches(loader), n_steps, f"Epoch {epoch}", not cfg.no_progress)
+    for i, batch in enumerate(steps):
+        loss, logits, target = step(_to(batch, run.device))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss at epoch {epoch} step {i}; the last good "
+                f"checkpoint is {last_checkpoint(run.dir)}"
+            )
+        meters.update(loss, logits, target)
+        run.global_step += 1
+        run.writer.add_scalar("train/loss", loss.item(), run.global_step)
+        if hasattr(steps, "set_postfix"):
+            steps.set_postfix(loss=f"{meters.loss.avg:.3f}", top1=f"{meters.top1.avg:.1%}")
+        if i % cfg.print_freq == 0 or i == n_steps - 1:
+            run.logger.info(
+                f"Train: [{epoch:3d}/{cfg.epochs}] step {i:03d}/{n_steps - 1:03d} {meters}"
+            )
+    distributed.broadcast_buffers(distributed.unwrap(run.model))
+    return meters.summary()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 of ``model`` over ``loader`` in eval mode; under DDP the sums of
+    every process's shard, so each image counts once."""
+    was_training = model.training
+    model.eval()
+    meters = Meters()
+    for X, y in _batches(loader):
+        X, y = _to(X, device), _to(y, device)
+        out = model(X)
+        logits = out[0] if isinstance(out, tuple) else out
+        meters.update(criterion(logits, y), logits, y)
+    model.train(was_training)
+    loss, top1, top5, n = distributed.all_reduce_sum(
+        [meters.loss.sum, meters.top1.sum, meters.top5.sum, float(meters.loss.count)], device
+    )
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "count": n}
+
+
+def log_eval(run: Run, split: str, epoch: int, result: dict[str, float], note: str = "") -> None:
+    """One log line for an evaluation: ``<split>: [epoch/epochs] loss .. top1 .. top5 ..``."""
+    run.logger.info(
+        f"{split}: [{epoch:3d}/{run.cfg.epochs}] loss {result['loss']:.3f} "
+        f"top1 {result['top1']:.2%} top5 {result['top5']:.2%}{note}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The command-line frame
+# --------------------------------------------------------------------------------------------
+def script_main(
+    script: str,
+    run_root: str,
+    argv: list[str] | None,
+    prepare: Callable[[list[str]], tuple[Any, Callable[[], Any]]],
+) -> int:
+    """The command-line frame of search.py and augment.py: ``prepare(argv)`` parses and checks
+    the input and returns the config and the job. Bad input (any :class:`utils.UserError`): one
+    line, exit status 2. Several GPUs: one process each. SIGTERM / Ctrl-C: one line saying how
+    to resume, exit status 128 + signal."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    name = os.path.basename(script)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg: Any = None
+    try:
+        cfg, job = prepare(argv)
+        with interruptible():
+            if not distributed.self_launch(script, argv, cfg.device, cfg.gpu_ids()):
+                job()
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, SignalException) as e:
+        signum = e.signum if isinstance(e, Interrupted) else int(e.sigval)
+        # One line per run: from the launcher, or from the first process of torchrun.
+        if not distributed.launched_by_self() and os.environ.get("RANK", "0") == "0":
+            hint = resume_hint(name, os.path.join(run_root, cfg.name), argv)
+            print(f"{name}: interrupted by {Interrupted(signum)}: {hint}", file=sys.stderr)
+        return 128 + signum
+    except ChildFailedError as e:  # the failing process has printed its own error
+        print(f"{name}: error: a worker process failed ({type(e).__name__})", file=sys.stderr)
+        return 1
+    finally:
+        distributed.cleanup_distributed()
+    return 0

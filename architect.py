@@ -28,8 +28,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from config import HESSIAN_MODES
+from distributed import all_reduce_mean
 from models.search_cnn import SearchCNNController
-from utils import all_reduce_mean
 
 FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
 

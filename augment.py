@@ -5,16 +5,18 @@
     python augment.py --name s --dataset cifar10 --genotype "Genotype(normal=[...], ...)"
 
 Trains on the full training set and evaluates on the test set after every epoch (DARTS.md,
-section 3: there is no validation split here, and the log says "test"). Writes
-augments/<name>/: augment.log, config.json, tb/ (tensorboard), checkpoint.pth.tar (every
-epoch) and best.pth.tar (whenever the test top-1 improves).
+section 3); the final epoch's test accuracy is the figure the paper reports. With
+``--val_portion`` a part of the training set is held out instead, and it alone chooses the
+best epoch. Writes augments/<name>/: augment.log, config.json, tb/ (tensorboard),
+metrics.jsonl, curves.png, checkpoint.pth.tar (every epoch) and best.pth.tar (the best epoch).
+
+The loop, the run folder and the checkpoints are engine.py's; this file holds the model, the
+data and the training step.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, Subset
 
+import engine
 import genotypes as gt
-import utils
-from config import AugmentConfig
+from config import AugmentConfig, ConfigError
+from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
 from preproc import dataset_info, get_dataset
+from utils import count_parameters
 
 RUN_ROOT = "augments"
 
@@ -69,124 +73,70 @@ def drop_path_schedule(final_p: float, epoch: int, epochs: int) -> float:
 
 
 def make_loaders(
-    cfg: AugmentConfig, pin: bool, dist_info: utils.DistInfo | None = None
-) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """Full training set (augmentation + Cutout), shuffled by a generator seeded with the seed;
-    the test set in order. Under DDP each process trains on the shard of a DistributedSampler
-    (its epoch set every epoch) and tests on every world_size-th test image, so that the shards
-    together hold each test image once."""
-    dist_info = dist_info or utils.DistInfo()
-    train_data = get_dataset(
+    cfg: AugmentConfig,
+    pin: bool,
+    dist_info: DistInfo | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Any, Any | None, Any, torch.Generator]:
+    """(train, validation or None, test, generator). The training set (augmentation + Cutout),
+    less the ``--val_portion`` held out for validation (without augmentation; a split fixed by
+    the seed), shuffled by ``generator``; the test set in order. Under DDP each process trains
+    on the shard of a DistributedSampler (its epoch set every epoch) and evaluates every
+    world_size-th image, so that the shards together hold each image once."""
+    dist_info = dist_info or DistInfo()
+    world, rank = dist_info.world_size, dist_info.rank
+    train_data: Any = get_dataset(
         cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
     )
-    test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    test_data: Any = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    val_data = None
+    if cfg.val_portion > 0:
+        n = len(train_data)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = int(cfg.val_portion * n)
+        if not 0 < n_val < n:
+            raise ConfigError(
+                f"--val_portion {cfg.val_portion} of the {n} {cfg.dataset} training images "
+                f"leaves an empty split"
+            )
+        plain = get_dataset(cfg.dataset, cfg.data_path, train=True)
+        val_data = Subset(plain, perm[:n_val][rank::world])
+        train_data = Subset(train_data, perm[n_val:])
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+    sampler: DistributedSampler | None = None
+    n_train = len(train_data)
+    if dist_info.enabled:
+        sampler = DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.seed)
+        n_train = len(sampler)
+        test_data = Subset(test_data, range(rank, len(test_data), world))
     # Training workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run
     # draws the same augmentations as an uninterrupted one.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler: DistributedSampler | None = None
-    n_train = len(train_data)  # type: ignore[arg-type]
-    if dist_info.enabled:
-        sampler = DistributedSampler(
-            train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed
-        )
-        n_train = len(sampler)
-        test_data = Subset(
-            test_data,
-            range(dist_info.rank, len(test_data), dist_info.world_size),  # type: ignore[arg-type]
-        )
-    # A last training batch of one sample would make the auxiliary head's BN (1x1 maps) fail.
-    drop_last = n_train % cfg.batch_size == 1
-    train_loader = DataLoader(
+    train_loader = engine.data_loader(
         train_data,
-        batch_size=cfg.batch_size,
+        cfg.batch_size,
+        cfg.workers,
+        pin,
         shuffle=sampler is None,
         sampler=sampler,
         generator=gen,
-        num_workers=cfg.workers,
-        pin_memory=pin,
-        drop_last=drop_last,
+        # A last batch of one sample would make the auxiliary head's BN (1x1 maps) fail.
+        drop_last=n_train % cfg.batch_size == 1,
     )
-    test_loader = DataLoader(
-        test_data,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.workers,
-        pin_memory=pin,
-        persistent_workers=cfg.workers > 0,
-    )
-    return train_loader, test_loader, gen
 
-
-def train_epoch(
-    cfg: AugmentConfig,
-    model: AugmentCNN | DistributedDataParallel,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    device: torch.device,
-    logger,
-    writer,
-    global_step: int,
-    last_good: str | None,
-) -> tuple[dict, int]:
-    model.train()
-    meters = utils.Meters()
-    net = model.module if isinstance(model, DistributedDataParallel) else model
-    aux_weight = cfg.aux_weight if net.aux_head is not None else 0.0
-    n_steps = len(loader)
-    steps = utils.progress(loader, n_steps, f"Epoch {epoch}", not cfg.no_progress)
-    for step, (X, y) in enumerate(steps):
-        X = X.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        loss, logits = train_step(model, optimizer, X, y, aux_weight, cfg.grad_clip)
-        if not torch.isfinite(loss):
-            raise utils.NonFiniteLossError(
-                f"non-finite training loss at epoch {epoch} step {step}; last good checkpoint: "
-                f"{last_good or 'none yet'}"
-            )
-        meters.update(loss, logits, y)
-        global_step += 1
-        writer.add_scalar("train/loss", loss.item(), global_step)
-        if hasattr(steps, "set_postfix"):
-            steps.set_postfix(loss=f"{meters.loss.avg:.3f}", top1=f"{meters.top1.avg:.1%}")
-        if step % cfg.print_freq == 0 or step == n_steps - 1:
-            logger.info(
-                f"Train: [{epoch:3d}/{cfg.epochs}] step {step:03d}/{n_steps - 1:03d} {meters}"
-            )
-    return meters.summary(), global_step
-
-
-def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
-    """Train and evaluate; returns (final, best) test top-1 in [0, 1]."""
-    dist_info, device = utils.init_distributed(cfg)
-    is_main = dist_info.is_main  # only the first process writes logs, plots and checkpoints
-    info = dataset_info(cfg.dataset)
-    # Data and settings are checked before the run folder is made: bad input writes nothing.
-    run_dir = os.path.join(RUN_ROOT, cfg.name)
-    resumed = utils.open_run(run_dir, cfg)
-    train_loader, test_loader, data_gen = make_loaders(
-        cfg, pin=device.type == "cuda", dist_info=dist_info
-    )
-    utils.make_run_dir(run_dir)
-    logger = utils.get_logger(os.path.join(run_dir, "augment.log"), "darts.augment", is_main)
-    logger.info(f"Augment on {device} (PyTorch {torch.__version__}) with config:\n{cfg}")
-    logger.info(f"Genotype = {gt.to_str(genotype)}")
-    if is_main:
-        cfg.save(os.path.join(run_dir, "config.json"))
-    # The same seed in every process: the same initial weights, and RNG streams that the
-    # checkpoint of the first process restores for all of them.
-    utils.set_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    if cfg.cutout_length >= info.input_size:
-        logger.warning(
-            f"WARNING: --cutout_length {cfg.cutout_length} is not smaller than the "
-            f"{info.input_size}x{info.input_size} images of {cfg.dataset}: Cutout can "
-            f"blank whole training images (try --cutout_length "
-            f"{info.input_size // 2} or 0)"
+    def eval_loader(data: Any) -> Any:
+        persistent = cfg.workers > 0
+        return engine.data_loader(
+            data, cfg.batch_size, cfg.workers, pin, persistent_workers=persistent
         )
-    model = AugmentCNN(
+
+    val_loader = eval_loader(val_data) if val_data is not None else None
+    return train_loader, val_loader, eval_loader(test_data), gen
+
+
+def build_model(cfg: AugmentConfig, genotype: gt.Genotype) -> AugmentCNN:
+    """The network of ``genotype`` at the config's size, for the config's data set."""
+    info = dataset_info(cfg.dataset)
+    return AugmentCNN(
         info.input_size,
         info.input_channels,
         cfg.init_channels,
@@ -194,139 +144,109 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         cfg.layers,
         cfg.aux_weight > 0,
         genotype,
-    ).to(device)
-    model.to(memory_format=utils.memory_format(cfg))
-    n_params = utils.count_parameters(model, exclude="aux_head")
-    aux_note = (
-        f"auxiliary head {utils.count_parameters(model) - n_params:,} more, on "
+    )
+
+
+def describe(model: AugmentCNN) -> str:
+    """The parameter count as the paper reports it (without the auxiliary head)."""
+    n = count_parameters(model, exclude="aux_head")
+    aux = (
+        f"auxiliary head {count_parameters(model) - n:,} more, on "
         f"{model.aux_head.spatial}x{model.aux_head.spatial} maps"
         if model.aux_head is not None
         else "no auxiliary head (--aux_weight 0)"
     )
-    logger.info(
-        f"Model: {n_params:,} parameters = {n_params / 1e6:.2f}M without the auxiliary "
-        f"head; {aux_note}"
-    )
-    optimizer = torch.optim.SGD(
-        model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=0.0)
-    criterion = nn.CrossEntropyLoss()
-    train_model = utils.wrap_ddp(model, dist_info, device)  # averages the gradients
+    return f"Model: {n:,} parameters = {n / 1e6:.2f}M without the auxiliary head; {aux}"
 
-    from tensorboardX import SummaryWriter  # a heavy import, only needed when a run starts
 
-    import visualize
-
-    ckpt_path = os.path.join(run_dir, utils.CHECKPOINT)
-    best_path = os.path.join(run_dir, "best.pth.tar")
-    history: list[dict[str, Any]] = []
-    best_top1, best_epoch, global_step, start = -1.0, 0, 0, 1
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        utils.set_rng_state(resumed["rng"], data_gen)
-        history, best_top1, best_epoch = (
-            resumed["history"],
-            resumed["best_top1"],
-            resumed["best_epoch"],
+def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
+    """Train and evaluate; returns the final test top-1 and the best epoch's (selected on the
+    validation split when there is one, else on the test set), in [0, 1]."""
+    input_size = dataset_info(cfg.dataset).input_size
+    with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
+        train_loader, val_loader, test_loader, _ = make_loaders(
+            cfg, run.pin_memory, run.dist, run.data_gen
         )
-        global_step, start = resumed["global_step"], resumed["epoch"] + 1
-        logger.info(f"Resumed from {ckpt_path} after epoch {resumed['epoch']}")
-    # purge_step drops what an interrupted run logged after its last checkpoint.
-    writer = (
-        utils.NullWriter()
-        if not is_main
-        else SummaryWriter(
-            log_dir=os.path.join(run_dir, "tb"), purge_step=global_step + 1 if resumed else None
+        run.start("Augment")
+        run.logger.info(f"Genotype = {gt.to_str(genotype)}")
+        if cfg.cutout_length >= input_size:
+            run.logger.warning(
+                f"WARNING: --cutout_length {cfg.cutout_length} is not smaller than the "
+                f"{input_size}x{input_size} images of {cfg.dataset}: Cutout can blank whole "
+                f"training images (try --cutout_length {input_size // 2} or 0)"
+            )
+        model = run.place(build_model(cfg, genotype))
+        run.logger.info(describe(model))
+        optimizer = torch.optim.SGD(
+            model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    )
-    try:
-        for epoch in range(start, cfg.epochs + 1):
-            t0 = time.time()
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, 0.0)
+        train_model = wrap_ddp(model, run.dist, run.device)  # averages the gradients
+        aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
+        run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
+        run.track(model=model, optimizer=optimizer, scheduler=scheduler)
+        select = "val" if val_loader is not None else "test"  # the split that picks the best
+
+        def step(
+            batch: tuple[torch.Tensor, torch.Tensor],
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            X, y = batch
+            loss, logits = train_step(train_model, optimizer, X, y, aux_weight, cfg.grad_clip)
+            return loss, logits, y
+
+        def write_files() -> None:
+            import visualize
+
+            visualize.plot_curves(run.history, run.path("curves.png"), "test")
+
+        for epoch in run.epochs():
             lr = float(scheduler.get_last_lr()[0])
             drop_p = drop_path_schedule(cfg.drop_path_prob, epoch, cfg.epochs)
             model.drop_path_prob(drop_p)
             if isinstance(train_loader.sampler, DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
-            logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
-            train, global_step = train_epoch(
-                cfg,
-                train_model,
-                train_loader,
-                optimizer,
-                epoch,
-                device,
-                logger,
-                writer,
-                global_step,
-                utils.last_checkpoint(run_dir),
-            )
+            run.logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
+            train = engine.train_one_epoch(run, step, train_loader, epoch)
             scheduler.step()
-            utils.broadcast_buffers(model)  # every shard is scored by the checkpoint's network
-            test = utils.evaluate(model, test_loader, device, criterion)
-            is_best = test["top1"] > best_top1
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "drop_path_prob": drop_p}
+            record.update({f"train_{k}": v for k, v in train.items()})
+            for split, loader in (("val", val_loader), ("test", test_loader)):
+                if loader is not None:
+                    result = engine.evaluate(model, loader, run.device, nn.CrossEntropyLoss())
+                    record.update({f"{split}_{k}": v for k, v in result.items()})
+            is_best = record[f"{select}_top1"] > run.extra["best_top1"]
             if is_best:
-                best_top1, best_epoch = test["top1"], epoch
-            logger.info(
-                f"Test: [{epoch:3d}/{cfg.epochs}] loss {test['loss']:.3f} "
-                f"top1 {test['top1']:.2%} top5 {test['top5']:.2%} "
-                f"(best top1 {best_top1:.2%} at epoch {best_epoch})"
+                run.extra["best_top1"], run.extra["best_epoch"] = record[f"{select}_top1"], epoch
+            best = f" (best {select} top1 {run.extra['best_top1']:.2%} at epoch "
+            best += f"{run.extra['best_epoch']})"
+            if val_loader is not None:
+                engine.log_eval(run, "Validation", epoch, _split(record, "val"), best)
+            engine.log_eval(run, "Test", epoch, _split(record, "test"), "" if val_loader else best)
+            run.end_epoch(record, is_best=is_best, write_files=write_files)
+
+        run.check_replicas("weights and BN statistics")
+        final_top1 = run.history[-1]["test_top1"]
+        best_epoch = run.extra["best_epoch"]
+        best_test = run.history[best_epoch - 1]["test_top1"]
+        if val_loader is not None:
+            best_line = (
+                f"Best epoch by validation top1 = {best_epoch} "
+                f"(val top1 {run.extra['best_top1']:.2%}), its test top1 = {best_test:.2%}"
             )
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "lr": lr,
-                "drop_path_prob": drop_p,
-                **{f"train_{k}": v for k, v in train.items()},
-                **{f"test_{k}": v for k, v in test.items()},
-                "time": time.time() - t0,
-            }
-            for k, v in record.items():
-                if k != "epoch":
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
-            history.append(record)
+        else:
+            best_line = (
+                f"Best test top1 = {best_test:.2%} at epoch {best_epoch} (chosen on the test set: "
+                f"not comparable with the paper, which reports the final epoch)"
+            )
+        run.logger.info(f"Done: final test top1 {final_top1:.2%}; checkpoints in {run.dir}")
+        if run.is_main:
+            print(f"Final test top1 = {final_top1:.2%}")
+            print(best_line)
+        return final_top1, best_test
 
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "global_step": global_step,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "history": history,
-                "genotype": gt.to_str(genotype),
-                "config": cfg.to_dict(),
-                "rng": utils.rng_state(data_gen),
-            }
-            if not is_main:
-                continue
-            utils.save_checkpoint(state, ckpt_path)
-            if is_best:
-                utils.save_checkpoint(state, best_path)
-            # Rebuilt whole from the checkpointed history: a resumed run has each epoch once.
-            visualize.write_jsonl(os.path.join(run_dir, "metrics.jsonl"), history)
-            visualize.plot_curves(history, os.path.join(run_dir, "curves.png"), "test")
-            logger.info(f"Epoch {epoch} done in {time.time() - t0:.1f}s")
-    finally:
-        writer.close()
 
-    if dist_info.enabled:
-        same = utils.replicas_identical(model)
-        logger.info(
-            f"DDP: weights and BN statistics are {'identical' if same else 'DIFFERENT'} on the "
-            f"{dist_info.world_size} processes"
-        )
-    final_top1 = history[-1]["test_top1"]
-    logger.info(
-        f"Done: final test top1 {final_top1:.2%}, best {best_top1:.2%} at epoch "
-        f"{best_epoch}; checkpoints in {run_dir}"
-    )
-    if is_main:
-        print(f"Final test top1 = {final_top1:.2%}")
-        print(f"Best test top1 = {best_top1:.2%}")
-    return final_top1, best_top1
+def _split(record: dict[str, Any], split: str) -> dict[str, float]:
+    return {k: record[f"{split}_{k}"] for k in ("loss", "top1", "top5")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
         return cfg, lambda: run(cfg, genotype)
 
-    return utils.script_main(__file__, RUN_ROOT, argv, prepare)
+    return engine.script_main(__file__, RUN_ROOT, argv, prepare)
 
 
 if __name__ == "__main__":

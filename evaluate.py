@@ -13,13 +13,15 @@ import sys
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 import genotypes as gt
-import utils
+from augment import build_model
+from checkpoint import load_checkpoint
 from config import AugmentConfig, ConfigError
-from models.augment_cnn import AugmentCNN
-from preproc import DataError, dataset_info, get_dataset
+from distributed import resolve_device
+from engine import data_loader, evaluate
+from preproc import dataset_info, get_dataset
+from utils import UserError, memory_format
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    state = utils.load_checkpoint(args.checkpoint)
+    state = load_checkpoint(args.checkpoint)
     if "genotype" not in state:
         raise ConfigError(f"{args.checkpoint} is not an augment checkpoint (no genotype in it)")
     saved = state["config"]
@@ -55,35 +57,25 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 f"the network was trained on {saved['dataset']} ({ds_old}); it cannot "
                 f"classify {cfg.dataset} ({ds_new})"
             )
-    device = utils.resolve_device(cfg)
-    info = dataset_info(cfg.dataset)
-    genotype = gt.from_str(state["genotype"])
+    device = resolve_device(cfg.device, cfg.gpu_ids())
     test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
-    loader = DataLoader(test_data, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    model = AugmentCNN(
-        info.input_size,
-        info.input_channels,
-        cfg.init_channels,
-        info.n_classes,
-        cfg.layers,
-        cfg.aux_weight > 0,
-        genotype,
-    )
+    loader = data_loader(test_data, cfg.batch_size, cfg.workers, device.type == "cuda")
+    model = build_model(cfg, gt.from_str(state["genotype"]))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
         raise ConfigError(
             f"the weights in {args.checkpoint} do not fit the network its config describes"
         ) from None
-    model.to(device).to(memory_format=utils.memory_format(cfg))
-    return utils.evaluate(model, loader, device, nn.CrossEntropyLoss())
+    model.to(device).to(memory_format=memory_format(cfg.memory_format))
+    return evaluate(model, loader, device, nn.CrossEntropyLoss())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ConfigError, DataError, gt.GenotypeError) as e:
+    except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     print(

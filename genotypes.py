@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from utils import UserError
+
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
 # The eight operations of DARTS (paper, section 3.1). The order fixes the columns of the alphas.
@@ -48,7 +50,7 @@ MAX_CHARS = 20_000  # a genotype string or file; ~3x the nested form of a 64-nod
 MAX_INT = 2**63  # |integer| in a genotype: larger ones are refused before they are printed
 
 
-class GenotypeError(ValueError):
+class GenotypeError(UserError, ValueError):
     """A genotype that cannot be parsed or does not describe a valid cell (one-line message)."""
 
 

@@ -20,10 +20,12 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
+from utils import UserError
+
 DATASETS = ("cifar10", "mnist", "fashionmnist", "digits")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad dataset name or missing data. str(e) is ONE line, meant to be shown to the user as is."""
 
 

@@ -11,7 +11,7 @@ The other helpers let a user *see the search* (search.py and augment.py call the
 * :func:`make_gif` / :func:`update_cell_gifs`: the per-epoch cell plots as animated GIFs;
 * :func:`plot_alpha_heatmap` / :func:`heatmap_figure`: the softmaxed alphas of one cell type;
 * :func:`plot_op_weights`: the total weight of each op against the epoch (from alphas.jsonl);
-* :class:`MetricsLog` / :func:`read_metrics` / :func:`plot_curves`: per-epoch metrics and curves.
+* :func:`plot_curves`: the per-epoch metrics (utils.write_jsonl / read_jsonl) as curves.
 
 The plots use matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: nothing
 chooses a backend or needs a display, and no figure stays registered in pyplot between epochs
@@ -21,7 +21,6 @@ chooses a backend or needs a display, and no figure stays registered in pyplot b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import genotypes as gt
+from utils import atomic_write
 
 if TYPE_CHECKING:  # matplotlib is imported where a plot is made, not at import
     from matplotlib.figure import Figure
@@ -121,21 +121,6 @@ CAPTION_HEIGHT = 40  # pixels of the caption strip above each GIF frame
 _CELL_FRAME = re.compile(r"epoch_(\d+)-(normal|reduce)\.png")
 
 
-def _save_atomic(save, out_path: str) -> str:
-    """Write through a temporary file, then rename: a viewer never sees a half-written file."""
-    folder = os.path.dirname(out_path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = out_path + ".tmp"
-    try:
-        save(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_path
-
-
 def make_gif(
     frames: list[str],
     out_path: str,
@@ -202,7 +187,7 @@ def make_gif(
             loop=0,
         )
 
-    return _save_atomic(save, out_path)
+    return atomic_write(out_path, save)
 
 
 def update_cell_gifs(plots_dir: str) -> list[str]:
@@ -304,7 +289,7 @@ def heatmap_figure(
 
 def _save_figure(fig: Figure, out_path: str) -> str:
     try:
-        return _save_atomic(lambda p: fig.savefig(p, format="png"), out_path)
+        return atomic_write(out_path, lambda p: fig.savefig(p, format="png"))
     finally:
         fig.clear()  # drop the artists now rather than at garbage collection
 
@@ -370,42 +355,6 @@ def plot_op_weights(history: Sequence[dict], primitives: Sequence[str], out_path
 # --------------------------------------------------------------------------------------------
 # Metrics and curves
 # --------------------------------------------------------------------------------------------
-def _jsonable(o: Any) -> Any:
-    """Tensors and numpy scalars become numbers; anything else its string."""
-    return o.item() if hasattr(o, "item") else str(o)
-
-
-def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> str:
-    """Write ``rows`` as JSON lines, replacing the file atomically. The scripts rewrite their
-    per-epoch files whole from the checkpointed history, so a resumed run has each epoch once."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (metrics.jsonl, alphas.jsonl); [] when it does not exist.
-    A last line cut short by a crash is skipped."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{n + 1}: not a JSON object") from None
-    return rows
-
-
 def plot_curves(rows: Sequence[dict[str, Any]], out_path: str, held_out: str) -> str:
     """Loss and top-1 (a fraction in [0, 1]) against the epoch for the training split and the
     ``held_out`` one ("val": search's selection split, "test": augment), from metrics rows.

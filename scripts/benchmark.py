@@ -6,7 +6,8 @@
 
 Figures (what is timed is the code of the scripts, imported, not a copy):
 
-- ``weight``: the weight half of ``search.search_step`` alone (forward, backward, clip, SGD);
+- ``weight``: ``search.weight_step`` alone, the weight half of ``search.search_step``
+  (forward, backward, clip, SGD);
 - ``first_order`` / ``second_order`` / ``second_order_exact``: ``search.search_step`` with the
   Architect's first-order gradient, its second-order gradient with the finite-difference
   Hessian-vector product (the paper's) and with the exact one (double backward);
@@ -167,12 +168,8 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
 
     if figure == "weight":
 
-        def weight_step() -> None:  # the second half of search.search_step
-            w_optim.zero_grad(set_to_none=True)
-            with model.alphas_frozen():
-                model.loss(*trn).backward()
-            nn.utils.clip_grad_norm_(model.weights(), s.w_grad_clip)
-            w_optim.step()
+        def weight_step() -> None:
+            search.weight_step(model, w_optim, trn, s.w_grad_clip)
 
         return weight_step
 

@@ -11,7 +11,7 @@ from conftest import ROOT, run_script
 
 import search
 from config import SearchConfig
-from utils import DistInfo
+from distributed import DistInfo
 
 TINY_SEARCH = [
     "--dataset",
@@ -65,7 +65,7 @@ def torchrun(script, *args, cwd):
 
 
 def test_each_process_gets_its_own_equal_shard():
-    cfg = SearchConfig(name="x", dataset="digits", batch_size=16, workers=0)
+    cfg = SearchConfig(name="x", dataset="digits", batch_size=16, workers=0, select_portion=0.1)
     shards = []
     for rank in range(2):
         trn, val, sel, _ = search.make_loaders(cfg, pin=False, dist_info=DistInfo(rank, 2, rank))

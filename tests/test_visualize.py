@@ -8,6 +8,7 @@ from conftest import needs_dot
 from PIL import Image, ImageStat
 
 import genotypes as gt
+import utils
 import visualize
 
 N_NODES = 4  # DARTS' cell
@@ -187,15 +188,15 @@ def test_plots_leave_no_pyplot_figures(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_metrics_jsonl_round_trip(tmp_path):
     path = str(tmp_path / "run" / "metrics.jsonl")
-    assert visualize.read_metrics(path) == []
+    assert utils.read_jsonl(path) == []
     rows = [
         {"epoch": 1, "train_loss": 2.3, "train_top1": 0.1, "lr": 0.025, "genotype": "G(...)"},
         {"epoch": 2, "train_loss": 2.1, "train_top1": 0.2, "val_top1": 0.15, "lr": 0.02},
     ]
-    visualize.write_jsonl(path, rows)
-    assert visualize.read_metrics(path) == rows
-    visualize.write_jsonl(path, rows[:1] + [{"epoch": 3, "train_loss": torch.tensor(1.5)}])
-    assert visualize.read_metrics(path) == [rows[0], {"epoch": 3, "train_loss": 1.5}]
+    utils.write_jsonl(path, rows)
+    assert utils.read_jsonl(path) == rows
+    utils.write_jsonl(path, rows[:1] + [{"epoch": 3, "train_loss": torch.tensor(1.5)}])
+    assert utils.read_jsonl(path) == [rows[0], {"epoch": 3, "train_loss": 1.5}]
     assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]  # no temp file left
 
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from distributed import parse_gpus
+from genotypes import MAX_NODES
 from preproc import DATASETS
+from utils import ConfigError
 
 T = TypeVar("T", bound="BaseConfig")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 HESSIAN_MODES = ("finite", "exact")  # architect.Architect's hessian argument
 
 
-class ConfigError(ValueError):
-    """An impossible setting; the message is one line, shown to the user as is."""
+__all__ = ["AugmentConfig", "BaseConfig", "ConfigError", "SearchConfig"]
 
 
 def _arg(default: Any, help: str, **kw: Any) -> Any:
@@ -90,6 +93,10 @@ class BaseConfig:
     # ---------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise ConfigError on settings that cannot work, before anything is written."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")
         if not self.name or os.sep in self.name or self.name in (".", ".."):
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
         if self.dataset not in DATASETS:
@@ -119,17 +126,7 @@ class BaseConfig:
 
     def gpu_ids(self) -> list[int] | None:
         """The ids of --gpus, or None for 'all'."""
-        if self.gpus.strip() == "all":
-            return None
-        try:
-            ids = [int(g) for g in self.gpus.split(",")]
-        except ValueError:
-            raise ConfigError(
-                f"--gpus must be a comma list of GPU ids or 'all', got {self.gpus!r}"
-            ) from None
-        if any(i < 0 for i in ids):
-            raise ConfigError(f"--gpus ids must be >= 0, got {self.gpus!r}")
-        return ids
+        return parse_gpus(self.gpus)
 
 
 def _positive(cfg: BaseConfig, *names: str) -> None:
@@ -166,14 +163,17 @@ class SearchConfig(BaseConfig):
         0.5, "portion of the search data that trains the weights; the rest trains the alphas"
     )
     select_portion: float = _arg(
-        0.1,
-        "portion of the training set held out (from both) to pick the best genotype; "
-        "0: use the paper's split and report the final genotype as the best",
+        0.0,
+        "portion of the training set held out from both halves to rank the epochs' genotypes "
+        "(this project's addition; 0: the paper's exact 50/50 split, and the final genotype is "
+        "the result)",
     )
 
     def check(self) -> None:
         super().check()
         _positive(self, "nodes")
+        if self.nodes > MAX_NODES:  # the genotype it prints must be readable back
+            raise ConfigError(f"--nodes must be at most {MAX_NODES}, got {self.nodes}")
         if self.hessian not in HESSIAN_MODES:
             raise ConfigError(
                 f"--hessian must be {' or '.join(HESSIAN_MODES)}, got {self.hessian!r}"
@@ -205,6 +205,12 @@ class AugmentConfig(BaseConfig):
     aux_weight: float = _arg(0.4, "weight of the auxiliary head's loss (0: no auxiliary head)")
     cutout_length: int = _arg(16, "side of the Cutout square (0: no Cutout)")
     drop_path_prob: float = _arg(0.2, "final drop-path probability (grows linearly from 0)")
+    val_portion: float = _arg(
+        0.0,
+        "portion of the training set held out (not trained on) to choose the best epoch; 0: "
+        "train on the whole training set, as the paper does (the best epoch is then chosen on "
+        "the test set and is not a figure to compare)",
+    )
 
     def check(self) -> None:
         super().check()
@@ -214,3 +220,5 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--cutout_length must be >= 0, got {self.cutout_length}")
         if not 0.0 <= self.drop_path_prob < 1.0:
             raise ConfigError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
+        if not 0.0 <= self.val_portion < 1.0:
+            raise ConfigError(f"--val_portion must be in [0, 1), got {self.val_portion}")

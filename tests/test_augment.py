@@ -14,7 +14,9 @@ from PIL import Image
 import augment
 import genotypes as gt
 import utils
+from config import AugmentConfig, ConfigError
 from models.augment_cnn import AugmentCell, AugmentCNN, AuxiliaryHead, drop_path
+from preproc import get_dataset
 
 # The published cells in the authors' flat form and in the nested form that gt.to_str prints.
 FLAT = dict(gt._PUBLISHED)
@@ -410,7 +412,10 @@ def test_one_epoch_on_digits(tmp_path, monkeypatch, capsys):
     assert any((run_dir / "tb").iterdir())
     final = [ln for ln in out.splitlines() if ln.startswith("Final test top1 = ")]
     best = [ln for ln in out.splitlines() if ln.startswith("Best test top1 = ")]
-    assert len(final) == len(best) == 1 and final[0].endswith("%") and best[0].endswith("%")
+    assert len(final) == len(best) == 1 and final[0].endswith("%")
+    assert best[0].endswith(
+        "(chosen on the test set: not comparable with the paper, which reports the final epoch)"
+    )
     log = (run_dir / "augment.log").read_text()
     assert "Test: [  1/1]" in log and "alidation" not in log
     assert "without the auxiliary head" in log and "M without" in log
@@ -422,7 +427,7 @@ def test_one_epoch_on_digits(tmp_path, monkeypatch, capsys):
     )
     assert state["epoch"] == 1 and state["config"]["dataset"] == "digits"
     assert gt.from_str(state["genotype"]) == gt.DARTS_V2
-    assert f"{state['best_top1']:.2%}" == best[0].split(" = ")[1]
+    assert f"{state['best_top1']:.2%} at epoch 1 " in best[0]
     model = AugmentCNN(8, 1, 4, 10, 3, True, gt.from_str(state["genotype"]))
     model.load_state_dict(state["model"])
     best_state = torch.load(run_dir / "best.pth.tar", weights_only=True)
@@ -495,3 +500,38 @@ def test_cell_shares_relus_without_changing_the_result(genotype):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_val_portion_is_held_out_of_training_and_disjoint_from_it():
+    cfg = AugmentConfig(name="v", dataset="digits", genotype="DARTS_V2", val_portion=0.25)
+    cfg.workers = 0
+    train, val, test, _ = augment.make_loaders(cfg, pin=False)
+    n_train = len(get_dataset("digits", "", train=True))
+    train_idx, val_idx = set(train.dataset.indices), set(val.dataset.indices)
+    assert len(val_idx) == int(0.25 * n_train) and len(train_idx) == n_train - len(val_idx)
+    assert not train_idx & val_idx  # the held-out images are never trained on
+    assert val.dataset.dataset.transform.transforms[0].__class__.__name__ == "Normalize"  # plain
+    assert len(test.dataset) == len(get_dataset("digits", "", train=False))
+    with pytest.raises(ConfigError, match="--val_portion must be in"):
+        AugmentConfig(name="v", dataset="digits", genotype="DARTS_V2", val_portion=1.0).check()
+
+
+@pytest.mark.slow
+def test_val_portion_picks_the_best_epoch_and_reports_its_test_accuracy(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    args = [*BASE, "--genotype", "DARTS_V2", "--epochs", "2", "--val_portion", "0.2"]
+    assert augment.main(args) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "augments" / "t"
+    state = torch.load(run / "checkpoint.pth.tar", weights_only=True)
+    history = state["history"]
+    best = max(history, key=lambda h: h["val_top1"])  # the first of equals, as the run keeps
+    assert state["best_epoch"] == best["epoch"] and state["best_top1"] == best["val_top1"]
+    assert torch.load(run / "best.pth.tar", weights_only=True)["epoch"] == best["epoch"]
+    assert f"Final test top1 = {history[-1]['test_top1']:.2%}" in out
+    line = [ln for ln in out.splitlines() if ln.startswith("Best epoch by validation top1 = ")]
+    assert len(line) == 1 and line[0].endswith(f"its test top1 = {best['test_top1']:.2%}")
+    log = (tmp_path / "augments" / "t" / "augment.log").read_text()
+    assert "Validation: [  1/2]" in log and "Test: [  2/2]" in log

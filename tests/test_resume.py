@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-import utils
+import checkpoint
 
 SEARCH = [
     "search.py",
@@ -60,24 +60,39 @@ def run_dir(cwd, script):
     return cwd / ("searchs" if script == "search.py" else "augments") / "r"
 
 
-def interrupt_after_first_epoch(cmd, cwd, sig):
-    """Start a run, wait until epoch 1 is saved, then send ``sig`` while epoch 2 runs."""
-    proc = subprocess.Popen(
+def start(cmd, cwd, **kw):
+    return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **kw,
     )
-    log = run_dir(cwd, cmd[0]) / ("search.log" if cmd[0] == "search.py" else "augment.log")
+
+
+def wait_for_first_epoch(proc, cwd, script):
+    log = run_dir(cwd, script) / ("search.log" if script == "search.py" else "augment.log")
     deadline = time.time() + 300
     while time.time() < deadline:
         if log.exists() and "Epoch 1 done" in log.read_text():
-            break
+            return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
+    raise AssertionError("epoch 1 did not end in 300 s")
+
+
+def interrupt_after_first_epoch(cmd, cwd, sig, group=False):
+    """Start a run, wait until epoch 1 is saved, then send ``sig`` while epoch 2 runs: to the
+    main process, or with ``group`` to its whole process group (loader workers included), as
+    SLURM, ``timeout`` and Ctrl-C in a terminal do."""
+    proc = start(cmd, cwd, start_new_session=group)
+    wait_for_first_epoch(proc, cwd, cmd[0])
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
 
@@ -136,23 +151,80 @@ def test_resume_is_bit_exact(cmd, sig, uninterrupted, tmp_path):
         assert [ln.split(":")[0] for ln in lines] == ["epoch 1", "epoch 2"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "cmd, sig",
+    [(SEARCH, signal.SIGTERM), (AUGMENT, signal.SIGINT)],
+    ids=["search-sigterm", "augment-sigint"],
+)
+def test_a_signal_to_the_process_group_stops_cleanly(cmd, sig, tmp_path):
+    """With loader workers, a signal to the whole group (SLURM's preemption, `timeout`, Ctrl-C)
+    reaches the workers too: the stop must still be the documented one-line one."""
+    cmd = [*cmd, "--workers", "2"]
+    code, _, err = interrupt_after_first_epoch(cmd, tmp_path, sig, group=True)
+    assert code == 128 + sig, err
+    assert err.startswith(f"{cmd[0]}: interrupted by {signal.Signals(sig).name}: ")
+    assert "--resume" in err and err.count("\n") == 1  # one line, no traceback
+    assert final_state(tmp_path, cmd[0])["epoch"] == 1  # intact ...
+    res = run_script(*cmd, "--resume", cwd=tmp_path)  # ... and resumable
+    assert res.returncode == 0, res.stderr
+    epochs = int(cmd[cmd.index("--epochs") + 1])
+    assert final_state(tmp_path, cmd[0])["epoch"] == epochs
+
+
+@pytest.mark.slow
+def test_a_run_folder_belongs_to_one_process(tmp_path):
+    """A second process on a live run's folder is refused, fresh or --resume; once the holder is
+    gone, even by kill -9, --resume takes the folder at once (the kernel drops the lock)."""
+    holder = start(SEARCH, tmp_path)
+    wait_for_first_epoch(holder, tmp_path, "search.py")
+    for extra in ([], ["--resume"]):
+        res = run_script(*SEARCH, *extra, cwd=tmp_path)
+        assert res.returncode == 2
+        if extra:
+            assert f"is in use by process {holder.pid}" in res.stderr
+        assert res.stderr.count("\n") == 1
+    holder.kill()
+    holder.wait()
+    res = run_script(*SEARCH, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert final_state(tmp_path, "search.py")["epoch"] == 2
+
+
+def test_run_lock_refuses_a_second_holder_and_frees_on_release(tmp_path, monkeypatch, capsys):
+    import search
+
+    run = tmp_path / "searchs" / "x"
+    run.mkdir(parents=True)
+    lock = checkpoint.RunLock(str(run))
+    monkeypatch.chdir(tmp_path)
+    code = search.main(["--name", "x", "--dataset", "digits", "--epochs", "1", *SEARCH[7:]])
+    err = capsys.readouterr().err
+    assert code == 2 and f"searchs/x is in use by process {os.getpid()}" in err
+    assert err.count("\n") == 1
+    with pytest.raises(checkpoint.ConfigError, match="in use"):
+        checkpoint.RunLock(str(run))
+    lock.release()
+    checkpoint.RunLock(str(run)).release()  # free again
+
+
 def test_interrupted_before_any_epoch_says_nothing_to_resume(tmp_path):
-    assert "nothing to resume" in utils.resume_hint("search.py", str(tmp_path), [])
+    assert "nothing to resume" in checkpoint.resume_hint("search.py", str(tmp_path), [])
 
 
 KILL_HALF_WAY = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
-import utils
+import checkpoint
 path = {path!r}
-utils.save_checkpoint({{"model": {{"w": torch.ones(3)}}, "config": {{"a": 1}}}}, path)
+checkpoint.save_checkpoint({{"model": {{"w": torch.ones(3)}}, "config": {{"a": 1}}}}, path)
 real_save = torch.save
 def half_save(obj, f, *a, **k):
     f.write(b"PK\\x03\\x04 half a checkpoint")
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = half_save
-utils.save_checkpoint({{"model": {{"w": torch.zeros(3)}}, "config": {{"a": 2}}}}, path)
+checkpoint.save_checkpoint({{"model": {{"w": torch.zeros(3)}}, "config": {{"a": 2}}}}, path)
 """
 
 
@@ -161,7 +233,7 @@ def test_checkpoint_write_killed_half_way_keeps_the_previous_one(tmp_path):
     code = KILL_HALF_WAY.format(root=ROOT, path=str(path))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert res.returncode == -signal.SIGKILL
-    state = utils.load_checkpoint(str(path))
+    state = checkpoint.load_checkpoint(str(path))
     assert torch.equal(state["model"]["w"], torch.ones(3)) and state["config"] == {"a": 1}
 
 
@@ -183,7 +255,7 @@ def test_damaged_or_foreign_checkpoint_gives_one_line(damage, message, tmp_path)
     run = tmp_path / "augments" / "r"
     run.mkdir(parents=True)
     ckpt = run / "checkpoint.pth.tar"
-    utils.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}}, str(ckpt))
+    checkpoint.save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}}, str(ckpt))
     damage(ckpt)
     res = run_script(*AUGMENT, "--resume", cwd=tmp_path)
     assert res.returncode == 2

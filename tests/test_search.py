@@ -29,6 +29,8 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
         "64",
         "--print_freq",
         "5",
+        "--select_portion",
+        "0.1",  # the held-out split that ranks the epochs (the default 0 is the paper's)
         *TINY,
         cwd=tmp_path,
     )
@@ -113,6 +115,8 @@ def test_search_runs_on_every_torchvision_dataset(
     assert code == 0
     assert "plots are skipped" in out
     assert "Final genotype = Genotype(" in out
+    # The paper's split (the default --select_portion 0) has no split to pick a "best" epoch.
+    assert "Best genotype" not in out and "the final genotype is the result" in out
     assert (tmp_path / "searchs" / dataset / "genotype.txt").exists()
     plots = tmp_path / "searchs" / dataset / "plots"
     assert not (plots / "epoch_001-normal.png").exists() and not (plots / "normal.gif").exists()
@@ -162,6 +166,9 @@ def test_help_prints_every_default(capsys):
         (["--dataset", "digits", "--hessian", "approx"], "--hessian must be finite or exact"),
         (["--dataset", "digits", "--memory_format", "nhwc"], "--memory_format must be"),
         (["--dataset", "digits", "--device", "cuda"], "no CUDA GPU is visible"),
+        (["--dataset", "digits", "--w_lr", "nan"], "--w_lr must be a finite number, got nan"),
+        (["--dataset", "digits", "--alpha_lr", "inf"], "--alpha_lr must be a finite number"),
+        (["--dataset", "digits", "--nodes", "65"], "--nodes must be at most 64"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):

@@ -77,18 +77,21 @@ def make_loaders(
     pin: bool,
     dist_info: DistInfo | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Any, Any | None, Any, torch.Generator]:
-    """(train, validation or None, test, generator). The training set (augmentation + Cutout),
-    less the ``--val_portion`` held out for validation (without augmentation; a split fixed by
-    the seed), shuffled by ``generator``; the test set in order. Under DDP each process trains
-    on the shard of a DistributedSampler (its epoch set every epoch) and evaluates every
-    world_size-th image, so that the shards together hold each image once."""
+) -> tuple[Any, Any | None, Any | None, torch.Generator]:
+    """(train, validation or None, test or None (``--no_test``), generator).
+
+    The training set (augmentation + Cutout), less the ``--val_portion`` held out for
+    validation (without augmentation; a split fixed by the seed), shuffled by ``generator``;
+    the test set in order. Under DDP each process trains on the shard of a DistributedSampler
+    (its epoch set every epoch) and evaluates every world_size-th image, so that the shards
+    together hold each image once."""
     dist_info = dist_info or DistInfo()
     world, rank = dist_info.world_size, dist_info.rank
     train_data: Any = get_dataset(
         cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
     )
-    test_data: Any = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    # --no_test (a selection run): the test set is not even opened.
+    test_data: Any = None if cfg.no_test else get_dataset(cfg.dataset, cfg.data_path, train=False)
     val_data = None
     if cfg.val_portion > 0:
         n = len(train_data)
@@ -108,7 +111,8 @@ def make_loaders(
     if dist_info.enabled:
         sampler = DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.seed)
         n_train = len(sampler)
-        test_data = Subset(test_data, range(rank, len(test_data), world))
+        if test_data is not None:
+            test_data = Subset(test_data, range(rank, len(test_data), world))
     # Training workers are not persistent: each epoch re-seeds them from `gen`, so a resumed run
     # draws the same augmentations as an uninterrupted one.
     train_loader = engine.data_loader(
@@ -130,7 +134,8 @@ def make_loaders(
         )
 
     val_loader = eval_loader(val_data) if val_data is not None else None
-    return train_loader, val_loader, eval_loader(test_data), gen
+    test_loader = eval_loader(test_data) if test_data is not None else None
+    return train_loader, val_loader, test_loader, gen
 
 
 def build_model(cfg: AugmentConfig, genotype: gt.Genotype) -> AugmentCNN:
@@ -160,8 +165,9 @@ def describe(model: AugmentCNN) -> str:
 
 
 def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
-    """Train and evaluate; returns the final test top-1 and the best epoch's (selected on the
-    validation split when there is one, else on the test set), in [0, 1]."""
+    """Train and evaluate; returns the final epoch's top-1 and the best epoch's (selected on the
+    validation split when there is one, else on the test set), in [0, 1], on the test set (on
+    the validation split with ``--no_test``)."""
     input_size = dataset_info(cfg.dataset).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
         train_loader, val_loader, test_loader, _ = make_loaders(
@@ -186,6 +192,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
         run.track(model=model, optimizer=optimizer, scheduler=scheduler)
         select = "val" if val_loader is not None else "test"  # the split that picks the best
+        report = "test" if test_loader is not None else "val"  # the split of the final figure
 
         def step(
             batch: tuple[torch.Tensor, torch.Tensor],
@@ -197,7 +204,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         def write_files() -> None:
             import visualize
 
-            visualize.plot_curves(run.history, run.path("curves.png"), "test")
+            visualize.plot_curves(run.history, run.path("curves.png"), report)
 
         for epoch in run.epochs():
             lr = float(scheduler.get_last_lr()[0])
@@ -219,30 +226,34 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                 run.extra["best_top1"], run.extra["best_epoch"] = record[f"{select}_top1"], epoch
             best = f" (best {select} top1 {run.extra['best_top1']:.2%} at epoch "
             best += f"{run.extra['best_epoch']})"
-            if val_loader is not None:
-                engine.log_eval(run, "Validation", epoch, _split(record, "val"), best)
-            engine.log_eval(run, "Test", epoch, _split(record, "test"), "" if val_loader else best)
+            for split, name in (("val", "Validation"), ("test", "Test")):
+                if f"{split}_top1" in record:
+                    engine.log_eval(
+                        run, name, epoch, _split(record, split), best if split == select else ""
+                    )
             run.end_epoch(record, is_best=is_best, write_files=write_files)
 
         run.check_replicas("weights and BN statistics")
-        final_top1 = run.history[-1]["test_top1"]
+        final_top1 = run.history[-1][f"{report}_top1"]
         best_epoch = run.extra["best_epoch"]
-        best_test = run.history[best_epoch - 1]["test_top1"]
-        if val_loader is not None:
+        best_top1 = run.history[best_epoch - 1][f"{report}_top1"]
+        if select == "test":
             best_line = (
-                f"Best epoch by validation top1 = {best_epoch} "
-                f"(val top1 {run.extra['best_top1']:.2%}), its test top1 = {best_test:.2%}"
+                f"Best test top1 = {best_top1:.2%} at epoch {best_epoch} (chosen on the test set: "
+                f"not comparable with the paper, which reports the final epoch)"
             )
         else:
             best_line = (
-                f"Best test top1 = {best_test:.2%} at epoch {best_epoch} (chosen on the test set: "
-                f"not comparable with the paper, which reports the final epoch)"
+                f"Best epoch by validation top1 = {best_epoch} "
+                f"(val top1 {run.extra['best_top1']:.2%})"
             )
-        run.logger.info(f"Done: final test top1 {final_top1:.2%}; checkpoints in {run.dir}")
+            if report == "test":
+                best_line += f", its test top1 = {best_top1:.2%}"
+        run.logger.info(f"Done: final {report} top1 {final_top1:.2%}; checkpoints in {run.dir}")
         if run.is_main:
-            print(f"Final test top1 = {final_top1:.2%}")
+            print(f"Final {report} top1 = {final_top1:.2%}")
             print(best_line)
-        return final_top1, best_test
+        return final_top1, best_top1
 
 
 def _split(record: dict[str, Any], split: str) -> dict[str, float]:

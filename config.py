@@ -211,6 +211,11 @@ class AugmentConfig(BaseConfig):
         "train on the whole training set, as the paper does (the best epoch is then chosen on "
         "the test set and is not a figure to compare)",
     )
+    no_test: bool = _arg(
+        False,
+        "never open the test set: evaluate on the --val_portion split only (a selection run, "
+        "as in the paper's protocol)",
+    )
 
     def check(self) -> None:
         super().check()
@@ -222,3 +227,5 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}")
         if not 0.0 <= self.val_portion < 1.0:
             raise ConfigError(f"--val_portion must be in [0, 1), got {self.val_portion}")
+        if self.no_test and self.val_portion == 0:
+            raise ConfigError("--no_test needs a --val_portion to evaluate on")

@@ -535,3 +535,27 @@ def test_val_portion_picks_the_best_epoch_and_reports_its_test_accuracy(
     assert len(line) == 1 and line[0].endswith(f"its test top1 = {best['test_top1']:.2%}")
     log = (tmp_path / "augments" / "t" / "augment.log").read_text()
     assert "Validation: [  1/2]" in log and "Test: [  2/2]" in log
+
+
+@pytest.mark.slow
+def test_no_test_never_opens_the_test_set(tmp_path, monkeypatch, capsys):
+    """A selection run (the paper's protocol) is scored on the held-out split alone."""
+    monkeypatch.chdir(tmp_path)
+    opened = []
+
+    def spy(name, path, train, **kw):
+        opened.append(train)
+        return get_dataset(name, path, train, **kw)
+
+    monkeypatch.setattr(augment, "get_dataset", spy)
+    args = [*BASE, "--genotype", "DARTS_V2", "--val_portion", "0.2", "--no_test"]
+    assert augment.main(args) == 0
+    assert opened and all(opened)  # training images only
+    out = capsys.readouterr().out.splitlines()
+    state = torch.load(tmp_path / "augments" / "t" / "checkpoint.pth.tar", weights_only=True)
+    assert f"Final val top1 = {state['history'][-1]['val_top1']:.2%}" in out
+    assert [ln for ln in out if ln.startswith("Best epoch by validation top1 = 1 (val top1 ")]
+    assert "Test:" not in (tmp_path / "augments" / "t" / "augment.log").read_text()
+    assert not any(k.startswith("test_") for k in state["history"][-1])
+    with pytest.raises(ConfigError, match="--no_test needs a --val_portion"):
+        AugmentConfig(name="v", dataset="digits", genotype="DARTS_V2", no_test=True).check()

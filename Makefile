@@ -4,7 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format coverage benchmark clean
+# The PyTorch of the Docker image (its FROM tag): `make test-compat` runs the fast tests on it,
+# and tests/test_docker.py checks that the Dockerfile and requirements.txt agree with it.
+COMPAT_TORCH  := 2.5.1
+COMPAT_VISION := 0.20.1
+COMPAT_VENV   := .venv-compat
+COMPAT_BIN    := $(COMPAT_VENV)/bin
+COMPAT_STAMP  := $(COMPAT_VENV)/.installed-$(COMPAT_TORCH)
+
+.PHONY: setup demo test test-fast test-compat clean-compat docker-smoke lint format coverage benchmark clean
 
 setup: $(STAMP)
 	@bash scripts/install_graphviz.sh
@@ -37,6 +45,33 @@ test: setup lint
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The fast tests on the Docker image's PyTorch, in a second venv. Not part of `make test`: the
+# install is large (PyPI's Linux torch wheel is a CUDA build, ~2.5 GB with its nvidia-* wheels;
+# it runs on a CPU). Run it when requirements.txt, the Dockerfile or a version-sensitive API
+# changes.
+test-compat: $(COMPAT_STAMP)
+	@bash scripts/install_graphviz.sh
+	$(COMPAT_BIN)/python -m pytest -m "not slow"
+
+$(COMPAT_STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_BIN)/pip install --quiet --upgrade pip
+	$(COMPAT_BIN)/pip install --quiet torch==$(COMPAT_TORCH) torchvision==$(COMPAT_VISION) \
+		-r requirements-dev.txt
+	$(COMPAT_BIN)/python -c "import torch, torchvision; print('test-compat: torch', \
+		torch.__version__, 'torchvision', torchvision.__version__)"
+	@touch $(COMPAT_STAMP)
+
+clean-compat:
+	rm -rf $(COMPAT_VENV)
+
+# The image's smoke run, for a machine with Docker and an NVIDIA GPU: builds the image, then one
+# epoch of search on scikit-learn's digits (offline: nothing is downloaded at run time).
+docker-smoke:
+	docker build -t darts .
+	docker run --gpus all --rm --network none darts \
+		python search.py --name smoke --dataset digits --epochs 1 --layers 5 --init_channels 8
 
 coverage: setup
 	$(BIN)/coverage run -m pytest

@@ -10,6 +10,8 @@ from PIL import Image
 
 import genotypes as gt
 import search
+import utils
+from models.search_cnn import SearchCNNController
 
 TINY = ["--layers", "3", "--init_channels", "4", "--workers", "0"]
 
@@ -194,15 +196,22 @@ def test_unwritable_output_folder(tmp_path, monkeypatch, capsys):
 
 def test_memory_format_changes_the_layout_not_the_search(fake_data, tmp_path, monkeypatch):
     """--memory_format channels_last (the default) runs the network NHWC, contiguous NCHW; the
-    weights they train agree to float32 rounding. (CIFAR-shaped data: with one input channel,
-    as in digits, the stem's weight has the same strides in both layouts. The alphas are not
-    compared: Adam moves an alpha by ~lr whatever the size of its gradient, so a gradient within
-    rounding of zero can step either way; tests/test_architect.py compares their gradients.)"""
+    weights they train move alike, to float32 rounding. (CIFAR-shaped data: with one input
+    channel, as in digits, the stem's weight has the same strides in both layouts.)
+
+    What is compared is the epoch's update of the weights from their common initialisation: the
+    float32 gradients of the two layouts differ by ~1e-3 (relative, docs/benchmarks.md; mostly
+    ReLU and max-pool masks flipping at ties), so the updates may too, while the weights
+    themselves agree to ~1e-5 only because the update is small. The alphas are held still
+    (Adam at lr 0): Adam moves an alpha by ~lr whatever the size of its gradient, so a
+    rounding-level difference would change the path, not only the last bits;
+    tests/test_architect.py compares alpha gradients."""
     monkeypatch.chdir(tmp_path)
     runs = {}
     for fmt in ("channels_last", "contiguous"):
         args = ["--name", fmt, "--dataset", "cifar10", "--data_path", fake_data, "--epochs", "1"]
         args += ["--batch_size", "16", "--no_progress", "--memory_format", fmt]
+        args += ["--alpha_lr", "0"]
         assert search.main([*args, *TINY]) == 0
         runs[fmt] = torch.load(
             tmp_path / "searchs" / fmt / "checkpoint.pth.tar", weights_only=True
@@ -210,6 +219,9 @@ def test_memory_format_changes_the_layout_not_the_search(fake_data, tmp_path, mo
     stem = {fmt: state["net.stem.0.weight"] for fmt, state in runs.items()}
     assert stem["channels_last"].is_contiguous(memory_format=torch.channels_last)
     assert not stem["contiguous"].is_contiguous(memory_format=torch.channels_last)
+    utils.set_seed(2)  # the runs' seed: their initial weights
+    init = SearchCNNController(3, 4, 10, 3, torch.nn.CrossEntropyLoss()).state_dict()
     names = [k for k, v in runs["contiguous"].items() if k.endswith("weight") and "alpha" not in k]
-    a, b = (torch.cat([runs[fmt][k].flatten() for k in names]) for fmt in runs)
-    assert (a - b).norm() / b.norm() < 1e-5
+    a, b = (torch.cat([(runs[fmt][k] - init[k]).flatten() for k in names]) for fmt in runs)
+    assert b.norm() > 0
+    assert (a - b).norm() / b.norm() < 1e-2

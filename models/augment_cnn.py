@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import genotypes as gt
-from models.ops import OPS, RELU_FIRST, BatchNorm2d, FactorizedReduce, StdConv
+from models.kernels import BatchNorm2d
+from models.ops import OPS, RELU_FIRST, FactorizedReduce, StdConv
 from models.search_cnn import reduction_layers
 
 

@@ -8,18 +8,28 @@ The ops that start with a ReLU (separable and dilated convs, FactorizedReduce) a
 (:class:`MixedOp`) uses it so that the ReLU those ops share is computed, stored for backward and
 differentiated once per edge input instead of once per op; the module structure, parameter names
 and the ``OPS`` registry are unchanged, so the evaluated network and checkpoints do not notice.
+The kernels these use (BN with a folded scale, depthwise convs on pixel phases) live in
+models/kernels.py, each with a plain twin it is tested against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import PRIMITIVES
+from models.kernels import (
+    BatchNorm2d,
+    depthwise_conv2d,
+    from_phases,
+    phases_apply,
+    scaled_batch_norm,
+    to_phases,
+)
 
 OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "none": lambda C, stride, affine: Zero(stride),
@@ -36,246 +46,6 @@ OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
 }
 assert set(OPS) == set(PRIMITIVES), "OPS and genotypes.PRIMITIVES must name the same ops"
-
-
-def centers_batch(x: torch.Tensor) -> bool:
-    """Whether :func:`scaled_batch_norm` centres ``x`` before normalising it: a channels-last
-    4-d CPU tensor. PyTorch's channels-last CPU BN kernel adds the N * H * W values of a channel
-    one after the other in float32, so its statistics lose digits in proportion to the channel's
-    mean over its spread: for a channel of mean 100 and std 1 its output is ~1e-4 off the
-    float64 result (NCHW: 3e-7), and the supernet's float32 gradient went from 0.7e-3 (NCHW) to
-    2.8e-3 (relative L2, docs/benchmarks.md). BN is shift invariant, so subtracting the batch
-    mean (an accurate torch.sum) first changes nothing but the rounding: back to 0.9e-3, for
-    about 6% of a weight step."""
-    return (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
-
-
-def scaled_batch_norm(
-    bn: nn.BatchNorm2d,
-    x: torch.Tensor,
-    scale: torch.Tensor | None = None,
-    fresh: bool = False,
-) -> torch.Tensor:
-    """``scale * bn(x)`` (``bn(x)`` for None), accurate on channels-last CPU tensors too.
-
-    The scale (a 0-dim tensor) is given to F.batch_norm as the affine weight of a BN without
-    affine parameters: the supernet's mixing weight w_o of an op ending in BN costs no extra
-    pass over the activations, and autograd keeps nothing more for its gradient (w * bn(x)
-    would keep bn(x)); BN's backward returns it. Batch statistics of a channels-last CPU tensor
-    are taken after centring it (:func:`centers_batch`). The running statistics are updated as
-    ``bn(x)`` updates them.
-
-    ``fresh``: ``x`` is a temporary that nothing else holds or saved for backward (the output
-    of a conv or a pooling that only this BN reads), so it may be centred in place: no second
-    activation-sized tensor, which on the second-order step saved ~1.3 GiB of peak memory.
-    """
-    weight: torch.Tensor | None = bn.weight
-    bias: torch.Tensor | None = bn.bias
-    if scale is not None:
-        if bn.affine:
-            raise ValueError(
-                "scaled_batch_norm folds the scale into a BN without affine parameters"
-            )
-        weight = scale.expand(x.shape[1]).contiguous()  # a stride-0 weight takes a slow kernel
-    # nn.BatchNorm2d.forward's bookkeeping, unchanged.
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    stats = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if stats else None
-    shift = None
-    if training and centers_batch(x):
-        with torch.no_grad():
-            shift = x.sum((0, 2, 3), keepdim=True).div_(x.numel() // x.shape[1])
-        # The gradient of BN with respect to the shift is zero: it is a constant.
-        x = x.sub_(shift) if fresh else x - shift
-        if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
-            running_mean = running_mean.clone()
-    out = F.batch_norm(
-        x,
-        running_mean,
-        bn.running_var if stats else None,
-        weight,
-        bias,
-        training,
-        momentum,
-        bn.eps,
-    )
-    if shift is not None and running_mean is not None and bn.running_mean is not None:
-        with torch.no_grad():  # the copy was updated with the mean of x - shift
-            torch.add(running_mean, shift.view(-1), alpha=momentum, out=bn.running_mean)
-    return out
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (same parameters, buffers and state-dict keys) computed by
-    :func:`scaled_batch_norm`: accurate on channels-last CPU tensors."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return scaled_batch_norm(self, x)
-
-
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose backward hands on a dense gradient in the tensor's own memory format.
-
-    A gradient can reach a node as a strided view (a channel slice of the cell output's
-    gradient, by torch.cat's backward) or in the other memory format (summed from several
-    consumers); native BN's backward on the CPU takes a several times slower path for such a
-    gradient. One copy per node here saves it in each of the node's consumers' BNs.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        return grad.contiguous(memory_format=fmt)
-
-
-def dense_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x``, with its gradient made dense in ``x``'s memory format (see :class:`_DenseGrad`)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return x
-    return cast(torch.Tensor, _DenseGrad.apply(x))
-
-
-# --------------------------------------------------------------------------------------------
-# Depthwise convolution, computed the way oneDNN (PyTorch's CPU conv library) does fastest
-# --------------------------------------------------------------------------------------------
-# Every formulation below computes exactly the sums of F.conv2d(x, w, stride, padding, dilation,
-# groups=C); only the order in which float additions happen may differ (last bits). Measured on
-# a 2-core AVX-512 CPU, NHWC, batch 64 (docs/benchmarks.md): the backward of a dilated depthwise
-# conv is 5-8x slower than that of a dense one, 40-80x at stride 2, and the weight gradient of a
-# kernel wider than 3 columns is ~10x slower than that of a 3-wide one.
-
-
-class _WideDepthwiseConv(torch.autograd.Function):
-    """F.conv2d(x, w, stride, padding, groups=C) for kernels wider than 3 columns, whose weight
-    gradient is assembled from column slices of at most 3 (see :func:`_depthwise_weight_grad`).
-    The forward and the input gradient are F.conv2d's own. Differentiable twice: the backward
-    is made of differentiable ops (the exact Hessian of the Architect goes through it)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int
-    ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        s, p = ctx.stride, ctx.padding
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                None,
-                [s, s],
-                [p, p],
-                [1, 1],
-                False,
-                [0, 0],
-                weight.shape[0],
-                [True, False, False],
-            )[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = _depthwise_weight_grad(grad, x, weight, s, p)
-        return grad_x, grad_w, None, None
-
-
-def _depthwise_weight_grad(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int
-) -> torch.Tensor:
-    """Weight gradient of a depthwise conv, three kernel columns at a time.
-
-    Columns [c0, c1) of the gradient are the weight gradient of the conv of the zero-padded
-    input, cropped to start at column c0, with those columns of the kernel and no padding:
-    every (output pixel, tap) product of the original appears once. grad: (N, C, H', W').
-    """
-    kw = weight.shape[-1]
-    xp = F.pad(x, (padding,) * 4)
-    w_out = grad.shape[-1]
-    parts = []
-    for c0 in range(0, kw, 3):
-        c1 = min(c0 + 3, kw)
-        crop = xp[..., c0 : c0 + (w_out - 1) * stride + (c1 - c0)]
-        parts.append(
-            torch.ops.aten.convolution_backward(
-                grad,
-                crop,
-                weight[..., c0:c1],
-                None,
-                [stride, stride],
-                [0, 0],
-                [1, 1],
-                False,
-                [0, 0],
-                weight.shape[0],
-                [False, True, False],
-            )[1]
-        )
-    return torch.cat(parts, dim=-1)
-
-
-def to_phases(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (4N, C, H/2, W/2), channels-last: the four pixel phases (row parity p,
-    column parity q) stacked on the batch, phase (p, q) at batch rows (2p + q) * N + n.
-    One copy. H and W must be even."""
-    N, C, H, W = x.shape
-    nhwc = x.permute(0, 2, 3, 1).reshape(N, H // 2, 2, W // 2, 2, C)
-    phases = nhwc.permute(2, 4, 0, 1, 3, 5).reshape(4 * N, H // 2, W // 2, C)
-    return phases.permute(0, 3, 1, 2)
-
-
-def from_phases(y: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`to_phases`: (4N, C, h, w) -> (N, C, 2h, 2w), channels-last."""
-    N4, C, h, w = y.shape
-    N = N4 // 4
-    nhwc = y.permute(0, 2, 3, 1).reshape(2, 2, N, h, w, C).permute(2, 3, 0, 4, 1, 5)
-    return nhwc.reshape(N, 2 * h, 2 * w, C).permute(0, 3, 1, 2)
-
-
-def phases_apply(x: torch.Tensor, stride: int) -> bool:
-    """Whether a dilation-2 depthwise conv of ``x`` at ``stride`` runs on pixel phases."""
-    return stride == 1 and x.device.type == "cpu" and x.shape[-1] % 2 == x.shape[-2] % 2 == 0
-
-
-def depthwise_conv2d(
-    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int
-) -> torch.Tensor:
-    """F.conv2d(x, weight, None, stride, padding, dilation, groups=C): (N, C, H, W) ->
-    (N, C, H', W'), weight (C, 1, k, k), by the fastest equivalent formulation.
-
-    A dilation-2 conv with "same" padding (padding = k - 1) only ever combines pixels of one
-    parity. At stride 2 it reads only the even pixels: it is the dense conv (padding (k-1)/2)
-    of x[:, :, ::2, ::2]. At stride 1 (CPU, even H, W) it is the dense conv of each of the four
-    pixel phases (:func:`to_phases`). On the CPU a kernel wider than 3 takes the custom weight
-    gradient of :class:`_WideDepthwiseConv`.
-    """
-    k = weight.shape[-1]
-    if dilation == 2 and padding == k - 1 and k % 2:
-        if stride == 2:
-            x, stride, padding, dilation = x[:, :, ::2, ::2], 1, (k - 1) // 2, 1
-        elif phases_apply(x, stride):
-            return from_phases(depthwise_conv2d(to_phases(x), weight, 1, (k - 1) // 2, 1))
-    if dilation == 1 and weight.shape[-1] > 3 and x.device.type == "cpu":
-        if not torch.is_autocast_enabled(x.device.type):
-            return cast(torch.Tensor, _WideDepthwiseConv.apply(x, weight, stride, padding))
-    return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
 
 
 class StdConv(nn.Sequential):

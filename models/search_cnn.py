@@ -15,15 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import genotypes as gt
-from models.ops import (
-    BatchNorm2d,
-    FactorizedReduce,
-    MixedOp,
-    StdConv,
-    dense_grad,
-    phases_apply,
-    to_phases,
-)
+from models.kernels import BatchNorm2d, dense_grad, phases_apply, to_phases
+from models.ops import FactorizedReduce, MixedOp, StdConv
 
 
 def reduction_layers(n_layers: int) -> tuple[int, int]:
@@ -66,7 +59,7 @@ class SearchCell(nn.Module):
         # separable and dilated convs) with it, so it is computed and kept for backward once
         # instead of up to 4 x (n_nodes + 1 - i) times.
         # Likewise the pixel phases of relu(state) that the dilated convs of the stride-1 edges
-        # work on (models.ops.to_phases), made once per state when the first edge needs them.
+        # work on (models.kernels.to_phases), made once per state when the first edge needs them.
         relus: list[torch.Tensor] = []
         phases: list[torch.Tensor | None] = []
         for edges, w_list in zip(cast(list[nn.ModuleList], self.dag), w_dag):

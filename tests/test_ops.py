@@ -79,7 +79,7 @@ CL = torch.channels_last
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last):
-    from models.ops import depthwise_conv2d
+    from models.kernels import depthwise_conv2d
 
     torch.manual_seed(0)
     fmt = CL if channels_last else torch.contiguous_format
@@ -98,7 +98,7 @@ def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last
 
 def test_wide_depthwise_conv_is_twice_differentiable():
     """The exact Hessian of the Architect differentiates the weight gradient once more."""
-    from models.ops import _WideDepthwiseConv
+    from models.kernels import _WideDepthwiseConv
 
     torch.manual_seed(0)
     x = torch.randn(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
@@ -124,7 +124,7 @@ def test_factorized_reduce_equals_shifted_stride_2_convs(size):
 
 
 def test_phases_round_trip():
-    from models.ops import from_phases, to_phases
+    from models.kernels import from_phases, to_phases
 
     x = torch.randn(3, 2, 6, 4)
     p = to_phases(x)
@@ -135,7 +135,7 @@ def test_phases_round_trip():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_scaled_batch_norm_equals_scale_times_bn(training):
-    from models.ops import scaled_batch_norm
+    from models.kernels import scaled_batch_norm
 
     torch.manual_seed(0)
     bn, bn_ref = torch.nn.BatchNorm2d(3, affine=False), torch.nn.BatchNorm2d(3, affine=False)
@@ -154,16 +154,64 @@ def test_scaled_batch_norm_equals_scale_times_bn(training):
         scaled_batch_norm(torch.nn.BatchNorm2d(3), x.float(), s.float())
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_scaled_batch_norm_centring_equals_scale_times_bn(fresh):
+    """The centred path (channels-last CPU batch; ``fresh``: centred in place) in float64:
+    the same output, gradients and running statistics as ``s * bn(x)``."""
+    from models.kernels import centers_batch, scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3, affine=False).double()
+    bn_ref = torch.nn.BatchNorm2d(3, affine=False).double()
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) + 3).contiguous(memory_format=CL)
+    x.requires_grad_()
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    h = x * 2  # a temporary that only the BN reads, as a conv output is
+    assert centers_batch(h)
+    out, ref = scaled_batch_norm(bn, h, s, fresh=fresh), s * bn_ref(x * 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, s), g), torch.autograd.grad(ref, (x, s), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(bn.buffers(), bn_ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_grad_is_the_identity_with_a_dense_gradient(channels_last):
+    """Forward: x itself. Backward: the incoming gradient's values, made dense in x's memory
+    format even when it arrives as a strided channel slice (torch.cat's backward)."""
+    from models.kernels import dense_grad
+
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    h = x * 1.0
+    seen = []
+    h.register_hook(seen.append)
+    y = dense_grad(h)
+    assert torch.equal(y, h)
+    other = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    out = torch.cat([y, other], dim=1)  # y's gradient: a channel slice of out's
+    g = torch.randn_like(out).contiguous(
+        memory_format=torch.contiguous_format if channels_last else CL
+    )
+    out.backward(g)
+    assert torch.equal(seen[0], g[:, :3])
+    assert seen[0].is_contiguous(memory_format=fmt)
+    assert torch.equal(x.grad, g[:, :3])
+
+
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batch_norm_is_accurate_on_channels_last_cpu_tensors(affine, momentum):
     """PyTorch's channels-last CPU BN sums a channel's N*H*W values one after the other in
     float32: for a channel of mean 100 and std 1 its output is ~1e-4 off
-    the float64 result (NCHW: 3e-7). models.ops.BatchNorm2d centres the batch first; the
+    the float64 result (NCHW: 3e-7). models.kernels.BatchNorm2d centres the batch first; the
     threshold is 1e-5 on the output, the input gradient and the running statistics."""
     import torch.nn.functional as F
 
-    from models.ops import BatchNorm2d
+    from models.kernels import BatchNorm2d
 
     torch.manual_seed(0)
     x = (torch.randn(16, 4, 32, 32) + 100).contiguous(memory_format=CL)
@@ -244,7 +292,7 @@ def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_l
     (as SearchCell does) or not."""
     import copy
 
-    from models.ops import phases_apply, to_phases
+    from models.kernels import phases_apply, to_phases
 
     torch.manual_seed(0)
     mixed = MixedOp(4, stride).double()

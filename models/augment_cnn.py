@@ -2,10 +2,13 @@
 
 The searched cell (a :class:`genotypes.Genotype`) is repeated ``n_layers`` times with the
 supernet's macro-structure: stem, normal cells, reduction cells at 1/3 and 2/3 depth
-(:func:`models.search_cnn.reduction_layers`), global average pooling and a linear classifier.
+(models/macro.py, shared with the supernet), global average pooling and a linear classifier.
 Unlike the supernet every BN is affine, and a pooling op is the bare pooling layer (no BN after
 it): that is the network whose size the paper reports. Training adds drop path on every
 non-identity op and an auxiliary head after the second reduction cell.
+
+Here: :func:`drop_path`, :class:`AugmentCell` (the genotype's ops),
+:class:`AuxiliaryHead` and :class:`AugmentCNN`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch.nn as nn
 
 import genotypes as gt
 from models.kernels import BatchNorm2d
-from models.ops import OPS, RELU_FIRST, FactorizedReduce, StdConv
-from models.search_cnn import reduction_layers
+from models.macro import Cell, cell_shapes, reduction_layers, stem
+from models.ops import OPS, RELU_FIRST
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -33,7 +36,7 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * mask.div_(keep)  # one pass over x: the (N, 1, 1, 1) mask carries the 1/(1-p)
 
 
-class AugmentCell(nn.Module):
+class AugmentCell(Cell):
     """One discrete cell. Node indexing and the genotype schema are those of genotypes.py.
 
     ``nodes[i]`` lists the (op, input) pairs of intermediate node 2 + i; the node is the sum of
@@ -51,32 +54,17 @@ class AugmentCell(nn.Module):
         reduction_p: bool,
         reduction: bool,
     ) -> None:
-        super().__init__()
-        self.reduction = reduction
+        super().__init__(C_pp, C_p, C, reduction_p, reduction, affine=True)
         self.concat = list(concat)
         self.drop_prob = 0.0
-        # As in the supernet, but affine: s0 is twice as large when the previous cell reduced.
-        self.preproc0 = (
-            FactorizedReduce(C_pp, C, affine=True)
-            if reduction_p
-            else StdConv(C_pp, C, 1, 1, 0, affine=True)
+        self.dag = nn.ModuleList(
+            nn.ModuleList(OPS[op](C, self.stride(src), True) for op, src in node) for node in nodes
         )
-        self.preproc1 = StdConv(C_p, C, 1, 1, 0, affine=True)
-        self.dag = nn.ModuleList()
-        self.inputs: list[list[int]] = []
-        for node in nodes:
-            # Edges leaving the input nodes (index < 2) carry a reduction cell's stride.
-            self.dag.append(
-                nn.ModuleList(
-                    OPS[op](C, 2 if reduction and src < gt.N_INPUT_NODES else 1, True)
-                    for op, src in node
-                )
-            )
-            self.inputs.append([src for _, src in node])
+        self.inputs: list[list[int]] = [[src for _, src in node] for node in nodes]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         """s0, s1: outputs of cells k-2 and k-1 (their sizes match after preprocessing)."""
-        states = [self.preproc0(s0), self.preproc1(s1)]  # 2 x (N, C, H, W)
+        states = self.preprocess(s0, s1)  # 2 x (N, C, H, W)
         # relu(state), once per state that feeds ops beginning with a ReLU (separable and
         # dilated convs, FactorizedReduce): computed and kept for backward once, not per op.
         relus: dict[int, torch.Tensor] = {}
@@ -169,31 +157,26 @@ class AugmentCNN(nn.Module):
         self.aux_pos = self.reductions[1]
 
         C_stem = stem_multiplier * C
-        self.stem = nn.Sequential(  # (N, C_in, H, W) -> (N, 3C, H, W)
-            nn.Conv2d(C_in, C_stem, 3, 1, 1, bias=False),
-            BatchNorm2d(C_stem),
-        )
-        C_pp, C_p, C_cur = C_stem, C_stem, C
-        spatial = input_size
-        aux_spatial, aux_channels = spatial, C_p
+        self.stem = stem(C_in, C_stem)  # (N, C_in, H, W) -> (N, 3C, H, W)
+        n_concat = (len(genotype.normal_concat), len(genotype.reduce_concat))
+        shapes = cell_shapes(n_layers, C_stem, C, n_concat)
         self.cells = nn.ModuleList()
-        reduction_p = False
-        for i in range(n_layers):
-            reduction = i in self.reductions
-            if reduction:
-                C_cur *= 2
+        spatial = input_size
+        aux_spatial, aux_channels = spatial, C_stem
+        for s in shapes:
+            if s.reduction:
                 spatial = (spatial + 1) // 2  # every stride-2 op and FactorizedReduce: ceil
-            nodes = genotype.reduce if reduction else genotype.normal
-            concat = list(genotype.reduce_concat if reduction else genotype.normal_concat)
-            self.cells.append(AugmentCell(nodes, concat, C_pp, C_p, C_cur, reduction_p, reduction))
-            reduction_p = reduction
-            C_pp, C_p = C_p, C_cur * len(concat)
-            if i == self.aux_pos:
-                aux_spatial, aux_channels = spatial, C_p
+            nodes = genotype.reduce if s.reduction else genotype.normal
+            concat = list(genotype.reduce_concat if s.reduction else genotype.normal_concat)
+            self.cells.append(
+                AugmentCell(nodes, concat, s.C_pp, s.C_p, s.C, s.reduction_p, s.reduction)
+            )
+            if s.index == self.aux_pos:
+                aux_spatial, aux_channels = spatial, s.C_out
 
         self.aux_head = AuxiliaryHead(aux_spatial, aux_channels, n_classes) if auxiliary else None
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(C_p, n_classes)
+        self.linear = nn.Linear(shapes[-1].C_out, n_classes)
 
     def drop_path_prob(self, p: float) -> None:
         """Set the drop-path probability of every cell (used in training mode only)."""

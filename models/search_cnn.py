@@ -1,7 +1,9 @@
 """The DARTS supernet (paper, section 2.1-2.2) and its controller.
 
-``SearchCNN`` holds the weights w; ``SearchCNNController`` adds the architecture parameters
-alpha and is what the search scripts and the Architect talk to.
+``SearchCell``: the cell whose every edge is a :class:`models.ops.MixedOp`.
+``SearchCNN`` holds the weights w: stem, cells and classifier, laid out by models/macro.py
+as the evaluated network is. ``SearchCNNController`` adds the architecture parameters alpha
+and is what the search scripts and the Architect talk to.
 """
 
 from __future__ import annotations
@@ -15,46 +17,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import genotypes as gt
-from models.kernels import BatchNorm2d, dense_grad, phases_apply, to_phases
-from models.ops import FactorizedReduce, MixedOp, StdConv
+from models.kernels import dense_grad, phases_apply, to_phases
+from models.macro import Cell, cell_shapes, stem
+from models.ops import MixedOp
 
 
-def reduction_layers(n_layers: int) -> tuple[int, int]:
-    """Indices of the two reduction cells: at 1/3 and 2/3 of the depth."""
-    return n_layers // 3, 2 * n_layers // 3
-
-
-class SearchCell(nn.Module):
+class SearchCell(Cell):
     """A cell of MixedOp edges. Node i (0-based, intermediate) takes every earlier node."""
 
     def __init__(
         self, n_nodes: int, C_pp: int, C_p: int, C: int, reduction_p: bool, reduction: bool
     ) -> None:
-        super().__init__()
-        self.reduction = reduction
-        # s0 comes from two cells back: if the previous cell reduced, s0 is twice as large.
-        self.preproc0 = (
-            FactorizedReduce(C_pp, C, affine=False)
-            if reduction_p
-            else StdConv(C_pp, C, 1, 1, 0, affine=False)
+        super().__init__(C_pp, C_p, C, reduction_p, reduction, affine=False)
+        self.dag = nn.ModuleList(
+            nn.ModuleList(MixedOp(C, self.stride(j)) for j in range(gt.N_INPUT_NODES + i))
+            for i in range(n_nodes)
         )
-        self.preproc1 = StdConv(C_p, C, 1, 1, 0, affine=False)
-        self.dag = nn.ModuleList()
-        for i in range(n_nodes):
-            # Edges leaving the two input nodes carry the stride of a reduction cell.
-            self.dag.append(
-                nn.ModuleList(
-                    MixedOp(C, 2 if reduction and j < gt.N_INPUT_NODES else 1)
-                    for j in range(gt.N_INPUT_NODES + i)
-                )
-            )
 
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, w_dag: list[torch.Tensor]
     ) -> torch.Tensor:
         """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights.
         Returns (N, n_nodes * C, H', W')."""
-        states = [self.preproc0(s0), self.preproc1(s1)]
+        states = self.preprocess(s0, s1)
         # relu(state), once per state: every edge leaving a node starts four of its ops (the
         # separable and dilated convs) with it, so it is computed and kept for backward once
         # instead of up to 4 x (n_nodes + 1 - i) times.
@@ -92,22 +77,13 @@ class SearchCNN(nn.Module):
     ) -> None:
         super().__init__()
         C_stem = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(C_in, C_stem, 3, 1, 1, bias=False),
-            BatchNorm2d(C_stem),  # the only affine BN of the supernet
+        self.stem = stem(C_in, C_stem)  # its BN is the only affine BN of the supernet
+        shapes = cell_shapes(n_layers, C_stem, C, (n_nodes, n_nodes))
+        self.cells = nn.ModuleList(
+            SearchCell(n_nodes, s.C_pp, s.C_p, s.C, s.reduction_p, s.reduction) for s in shapes
         )
-        C_pp, C_p, C_cur = C_stem, C_stem, C
-        self.cells = nn.ModuleList()
-        reduction_p = False
-        for i in range(n_layers):
-            reduction = i in reduction_layers(n_layers)
-            if reduction:
-                C_cur *= 2
-            self.cells.append(SearchCell(n_nodes, C_pp, C_p, C_cur, reduction_p, reduction))
-            reduction_p = reduction
-            C_pp, C_p = C_p, C_cur * n_nodes
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(C_p, n_classes)
+        self.linear = nn.Linear(shapes[-1].C_out, n_classes)
 
     def forward(
         self,

@@ -7,11 +7,13 @@ Unlike the supernet every BN is affine, and a pooling op is the bare pooling lay
 it): that is the network whose size the paper reports. Training adds drop path on every
 non-identity op and an auxiliary head after the second reduction cell.
 
-Here: :func:`drop_path`, :class:`AugmentCell` (the genotype's ops),
+Here: :func:`drop_path`, :class:`AugmentCell` (the genotype's ops on the shared cell inputs),
 :class:`AuxiliaryHead` and :class:`AugmentCNN`.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -19,7 +21,7 @@ import torch.nn as nn
 import genotypes as gt
 from models.kernels import BatchNorm2d
 from models.macro import Cell, cell_shapes, reduction_layers, stem
-from models.ops import OPS, RELU_FIRST
+from models.ops import OPS, EdgeInput, Op
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -64,26 +66,21 @@ class AugmentCell(Cell):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         """s0, s1: outputs of cells k-2 and k-1 (their sizes match after preprocessing)."""
-        states = self.preprocess(s0, s1)  # 2 x (N, C, H, W)
-        # relu(state), once per state that feeds ops beginning with a ReLU (separable and
-        # dilated convs, FactorizedReduce): computed and kept for backward once, not per op.
-        relus: dict[int, torch.Tensor] = {}
+        # One EdgeInput per node (2 + i of them, each (N, C, H', W')): the ops reading it share
+        # its relu (separable and dilated convs, FactorizedReduce begin with one), computed and
+        # kept for backward once instead of once per op.
+        states = [EdgeInput(s) for s in self.preprocess(s0, s1)]
         drop = self.drop_prob if self.training else 0.0
         for ops, inputs in zip(self.dag, self.inputs, strict=True):
-            out: torch.Tensor | None = None
-            for op, src in zip(ops, inputs, strict=True):  # type: ignore[call-overload]
-                if isinstance(op, RELU_FIRST):
-                    if src not in relus:
-                        relus[src] = torch.relu(states[src])
-                    h = op.forward_relu(relus[src])
-                else:
-                    h = op(states[src])
+            node: torch.Tensor | None = None
+            for op, src in zip(cast(list[Op], ops), inputs, strict=True):
+                h = op.weighted(states[src])
                 if drop > 0.0 and not isinstance(op, nn.Identity):
                     h = drop_path(h, drop)  # DARTS.md section 2: every op but the identity
-                out = h if out is None else out + h
-            assert out is not None  # genotypes.validate rejects a node without inputs
-            states.append(out)
-        return torch.cat([states[i] for i in self.concat], dim=1)
+                node = h if node is None else node + h
+            assert node is not None  # genotypes.validate rejects a node without inputs
+            states.append(EdgeInput(node))
+        return torch.cat([states[i].x for i in self.concat], dim=1)
 
 
 def _paper_pool_fits(spatial: int) -> bool:

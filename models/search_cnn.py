@@ -1,6 +1,6 @@
 """The DARTS supernet (paper, section 2.1-2.2) and its controller.
 
-``SearchCell``: the cell whose every edge is a :class:`models.ops.MixedOp`.
+``SearchCell``: the cell whose every edge is a :class:`models.ops.MixedOp` (eq. 2).
 ``SearchCNN`` holds the weights w: stem, cells and classifier, laid out by models/macro.py
 as the evaluated network is. ``SearchCNNController`` adds the architecture parameters alpha
 and is what the search scripts and the Architect talk to.
@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import genotypes as gt
-from models.kernels import dense_grad, phases_apply, to_phases
+from models.kernels import dense_grad
 from models.macro import Cell, cell_shapes, stem
-from models.ops import MixedOp
+from models.ops import EdgeInput, MixedOp
 
 
 class SearchCell(Cell):
@@ -37,30 +37,23 @@ class SearchCell(Cell):
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, w_dag: list[torch.Tensor]
     ) -> torch.Tensor:
-        """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights.
-        Returns (N, n_nodes * C, H', W')."""
-        states = self.preprocess(s0, s1)
-        # relu(state), once per state: every edge leaving a node starts four of its ops (the
-        # separable and dilated convs) with it, so it is computed and kept for backward once
-        # instead of up to 4 x (n_nodes + 1 - i) times.
-        # Likewise the pixel phases of relu(state) that the dilated convs of the stride-1 edges
-        # work on (models.kernels.to_phases), made once per state when the first edge needs them.
-        relus: list[torch.Tensor] = []
-        phases: list[torch.Tensor | None] = []
-        for edges, w_list in zip(cast(list[nn.ModuleList], self.dag), w_dag):
-            relus += [torch.relu(s) for s in states[len(relus) :]]
-            phases += [None] * (len(relus) - len(phases))
+        """s0, s1: outputs of cells k-2, k-1; w_dag[i]: (2 + i, n_ops) softmax weights of
+        node i's edges. Returns (N, n_nodes * C, H', W')."""
+        # One EdgeInput per node, (N, C, H', W'): the edges leaving it share its relu and the
+        # pixel phases of that relu, computed once per node instead of once per edge and op.
+        states = [EdgeInput(s) for s in self.preprocess(s0, s1)]
+        for edges, w_edges in zip(cast(list[nn.ModuleList], self.dag), w_dag):
             node: torch.Tensor | None = None
-            for j, (edge, w) in enumerate(zip(cast(list[MixedOp], edges), w_list)):
-                if phases[j] is None and phases_apply(relus[j], edge.stride):
-                    phases[j] = to_phases(relus[j])
-                h = edge(states[j], w, relus[j], phases[j])
+            for edge, x, w in zip(edges, states, w_edges):
+                h = edge(x, w)
                 # In place (no backward formula needs the running sum): the same values as
                 # sum(h_j), without a new tensor per edge.
                 node = h if node is None else node.add_(h)
             assert node is not None
-            states.append(dense_grad(node))
-        return torch.cat(states[gt.N_INPUT_NODES :], dim=1)
+            # dense_grad: node i is read by later edges and its gradient comes back as a
+            # channel slice of the cell output's (kernels._DenseGrad says why that matters).
+            states.append(EdgeInput(dense_grad(node)))
+        return torch.cat([s.x for s in states[gt.N_INPUT_NODES :]], dim=1)
 
 
 class SearchCNN(nn.Module):

@@ -293,6 +293,7 @@ def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_l
     import copy
 
     from models.kernels import phases_apply, to_phases
+    from models.ops import EdgeInput
 
     torch.manual_seed(0)
     mixed = MixedOp(4, stride).double()
@@ -309,7 +310,7 @@ def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_l
         phases = None
         if shared and phases_apply(x_relu, stride):
             phases = to_phases(x_relu)
-        y = mixed(x, w, x_relu, phases)
+        y = mixed(EdgeInput(x, x_relu, phases), w)
         y_ref = _reference_edge(ref, x, w)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
         g = torch.randn_like(y_ref)

@@ -16,6 +16,8 @@ data and the training step.
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,7 @@ import genotypes as gt
 from config import AugmentConfig, ConfigError
 from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
-from preproc import dataset_info, get_dataset
+from preproc import dataset_info, get_dataset, resolve_normalize
 from utils import count_parameters
 
 RUN_ROOT = "augments"
@@ -44,22 +46,70 @@ def train_step(
     y: torch.Tensor,
     aux_weight: float,
     grad_clip: float,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch (DARTS.md, section 2).
 
     loss = CE(logits, y) + aux_weight * CE(aux_logits, y) (the second term only when the model
-    returns auxiliary logits, i.e. it has the head and is in training mode); gradient-norm
-    clipping at ``grad_clip``. Returns the (detached) total loss and the main logits.
+    returns auxiliary logits, i.e. it has the head and is in training mode), both with
+    ``label_smoothing``; gradient-norm clipping at ``grad_clip``. ``amp_dtype``: the forward
+    under autocast to bfloat16 or float16; float16 takes a gradient ``scaler``, and the
+    gradients are unscaled before they are clipped. Returns the (detached) total loss and the
+    main logits.
     """
     optimizer.zero_grad(set_to_none=True)
-    logits, aux_logits = model(X)
-    loss = F.cross_entropy(logits, y)
-    if aux_logits is not None and aux_weight > 0:
-        loss = loss + aux_weight * F.cross_entropy(aux_logits, y)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    with torch.autocast(X.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits, aux_logits = model(X)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if aux_logits is not None and aux_weight > 0:
+            aux = F.cross_entropy(aux_logits, y, label_smoothing=label_smoothing)
+            loss = loss + aux_weight * aux
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
     return loss.detach(), logits.detach()
+
+
+def lr_factor(cfg: AugmentConfig, epoch: int) -> float:
+    """The learning rate of 0-based ``epoch`` over ``--lr``: a linear warm-up over
+    ``--warmup_epochs`` (epoch e at (e + 1) / warmup), then ``--lr_schedule`` over the rest:
+    step (``lr_gamma ** e``, the ImageNet recipe's 0.97), linear to 0, or cosine to 0."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / cfg.warmup_epochs
+    e, n = epoch - cfg.warmup_epochs, cfg.epochs - cfg.warmup_epochs
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma**e
+    if cfg.lr_schedule == "linear":
+        return 1.0 - e / n
+    return 0.5 * (1.0 + math.cos(math.pi * e / n))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: AugmentConfig) -> Any:
+    """The schedule of ``--lr_schedule`` and ``--warmup_epochs``, stepped after every epoch. The
+    paper's cosine without warm-up is PyTorch's CosineAnnealingLR, as it always was here."""
+    if cfg.lr_schedule == "cosine" and cfg.warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp``; ConfigError where the device cannot run it."""
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device (use --amp bf16 on a CPU)")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def drop_path_schedule(final_p: float, epoch: int, epochs: int) -> float:
@@ -87,11 +137,16 @@ def make_loaders(
     together hold each image once."""
     dist_info = dist_info or DistInfo()
     world, rank = dist_info.world_size, dist_info.rank
-    train_data: Any = get_dataset(
-        cfg.dataset, cfg.data_path, train=True, augment=True, cutout_length=cfg.cutout_length
+    data = functools.partial(
+        get_dataset,
+        cfg.dataset,
+        cfg.data_path,
+        image_size=cfg.image_size,
+        normalize=cfg.normalize,
     )
+    train_data: Any = data(train=True, augment=True, cutout_length=cfg.cutout_length)
     # --no_test (a selection run): the test set is not even opened.
-    test_data: Any = None if cfg.no_test else get_dataset(cfg.dataset, cfg.data_path, train=False)
+    test_data: Any = None if cfg.no_test else data(train=False)
     val_data = None
     if cfg.val_portion > 0:
         n = len(train_data)
@@ -102,7 +157,7 @@ def make_loaders(
                 f"--val_portion {cfg.val_portion} of the {n} {cfg.dataset} training images "
                 f"leaves an empty split"
             )
-        plain = get_dataset(cfg.dataset, cfg.data_path, train=True)
+        plain = data(train=True)
         val_data = Subset(plain, perm[:n_val][rank::world])
         train_data = Subset(train_data, perm[n_val:])
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
@@ -140,7 +195,7 @@ def make_loaders(
 
 def build_model(cfg: AugmentConfig, genotype: gt.Genotype) -> AugmentCNN:
     """The network of ``genotype`` at the config's size, for the config's data set."""
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
     return AugmentCNN(
         info.input_size,
         info.input_channels,
@@ -168,7 +223,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
     """Train and evaluate; returns the final epoch's top-1 and the best epoch's (selected on the
     validation split when there is one, else on the test set), in [0, 1], on the test set (on
     the validation split with ``--no_test``)."""
-    input_size = dataset_info(cfg.dataset).input_size
+    input_size = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
         train_loader, val_loader, test_loader, _ = make_loaders(
             cfg, run.pin_memory, run.dist, run.data_gen
@@ -186,11 +241,14 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         optimizer = torch.optim.SGD(
             model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, 0.0)
+        scheduler = make_scheduler(optimizer, cfg)
         train_model = wrap_ddp(model, run.dist, run.device)  # averages the gradients
         aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
+        dtype = amp_dtype(cfg.amp, run.device)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
-        run.track(model=model, optimizer=optimizer, scheduler=scheduler)
+        tracked = dict(model=model, optimizer=optimizer, scheduler=scheduler)
+        run.track(**tracked, **({"scaler": scaler} if scaler is not None else {}))
         select = "val" if val_loader is not None else "test"  # the split that picks the best
         report = "test" if test_loader is not None else "val"  # the split of the final figure
 
@@ -198,7 +256,10 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
             batch: tuple[torch.Tensor, torch.Tensor],
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             X, y = batch
-            loss, logits = train_step(train_model, optimizer, X, y, aux_weight, cfg.grad_clip)
+            loss, logits = train_step(
+                train_model, optimizer, X, y, aux_weight, cfg.grad_clip,
+                cfg.label_smoothing, dtype, scaler,
+            )  # fmt: skip
             return loss, logits, y
 
         def write_files() -> None:
@@ -219,7 +280,9 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
             record.update({f"train_{k}": v for k, v in train.items()})
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is not None:
-                    result = engine.evaluate(model, loader, run.device, nn.CrossEntropyLoss())
+                    result = engine.evaluate(
+                        model, loader, run.device, nn.CrossEntropyLoss(), dtype
+                    )
                     record.update({f"{split}_{k}": v for k, v in result.items()})
             is_best = record[f"{select}_top1"] > run.extra["best_top1"]
             if is_best:
@@ -231,6 +294,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
                     engine.log_eval(
                         run, name, epoch, _split(record, split), best if split == select else ""
                     )
+            engine.log_skipped_files(run, train_loader.dataset, val_loader, test_loader)
             run.end_epoch(record, is_best=is_best, write_files=write_files)
 
         run.check_replicas("weights and BN statistics")
@@ -264,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     def prepare(argv: list[str]) -> tuple[AugmentConfig, Callable[[], Any]]:
         cfg = AugmentConfig.from_argv(argv)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
+        cfg.normalize = resolve_normalize(
+            cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize, with_val=not cfg.no_test
+        )
         return cfg, lambda: run(cfg, genotype)
 
     return engine.script_main(__file__, RUN_ROOT, argv, prepare)

@@ -12,16 +12,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from distributed import parse_gpus
 from genotypes import MAX_NODES
-from preproc import DATASETS
+from preproc import DATASETS, FOLDER_DATASETS
 from utils import ConfigError
 
 T = TypeVar("T", bound="BaseConfig")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 HESSIAN_MODES = ("finite", "exact")  # architect.Architect's hessian argument
+LR_SCHEDULES = ("cosine", "step", "linear")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 __all__ = ["AugmentConfig", "BaseConfig", "ConfigError", "SearchConfig"]
@@ -53,6 +55,17 @@ class BaseConfig:
     init_channels: int = _arg(16, "channels of the first cell")
     layers: int = _arg(8, "number of cells")
     print_freq: int = _arg(50, "log every this many steps")
+    image_size: int = _arg(
+        0, "image folders: side the images are resized and cropped to (0: 224 imagenet, 32 folder)"
+    )
+    normalize: str = _arg(
+        "auto",
+        "image folders: auto (imagenet: ImageNet's constants; folder: the mean and std of the "
+        "training images, computed once) | imagenet | MEAN/STD, e.g. 0.5,0.5,0.5/0.2,0.2,0.2",
+    )
+
+    # Settings that --dataset imagenet changes unless given (the paper's ImageNet recipe).
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {}
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -74,8 +87,15 @@ class BaseConfig:
 
     @classmethod
     def from_argv(cls: type[T], argv: list[str] | None = None) -> T:
-        args = cls.parser(cls.__doc__ or "").parse_args(argv)
-        cfg = cls(**vars(args))
+        parser = cls.parser(cls.__doc__ or "")
+        args = vars(parser.parse_args(argv))
+        recipe = cls.RECIPES.get(args["dataset"], {})
+        if recipe:  # the recipe's values, for the flags the command line does not give
+            for action in parser._actions:
+                action.default = argparse.SUPPRESS
+            given = vars(parser.parse_args(argv))
+            args.update({k: v for k, v in recipe.items() if k not in given})
+        cfg = cls(**args)
         cfg.check()
         return cfg
 
@@ -119,6 +139,11 @@ class BaseConfig:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.image_size < 0 or (self.image_size and self.dataset not in FOLDER_DATASETS):
+            raise ConfigError(
+                f"--image_size applies to image folders ({', '.join(FOLDER_DATASETS)}), as a "
+                f"positive side, got {self.image_size} for {self.dataset}"
+            )
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(
                 f"--memory_format must be {' or '.join(MEMORY_FORMATS)}, got {self.memory_format!r}"
@@ -186,7 +211,10 @@ class SearchConfig(BaseConfig):
 
 @dataclass
 class AugmentConfig(BaseConfig):
-    """DARTS augment: train the network of a genotype from scratch and report test accuracy."""
+    """DARTS augment: train the network of a genotype from scratch and report test accuracy.
+    With --dataset imagenet the defaults are the paper's ImageNet recipe: 250 epochs, batch
+    128, lr 0.1 times 0.97 after every epoch, weight decay 3e-5, label smoothing 0.1, no drop
+    path and no Cutout, C = 48, 14 layers, the ImageNet network; flags given win."""
 
     genotype: str = _arg(
         "",
@@ -194,7 +222,22 @@ class AugmentConfig(BaseConfig):
         required=True,
     )
     batch_size: int = _arg(96, "batch size")
-    lr: float = _arg(0.025, "learning rate (cosine schedule to 0)")
+    lr: float = _arg(0.025, "learning rate (initial; see --lr_schedule)")
+    lr_schedule: str = _arg(
+        "cosine",
+        "cosine (to 0) | step (times --lr_gamma after every epoch) | linear (to 0)",
+    )
+    lr_gamma: float = _arg(0.97, "--lr_schedule step: the factor applied after every epoch")
+    warmup_epochs: int = _arg(
+        0, "epochs of linear warm-up to --lr before the schedule (the lr is never rescaled)"
+    )
+    label_smoothing: float = _arg(0.0, "label smoothing of the training losses (main, auxiliary)")
+    amp: str = _arg(
+        "none", "mixed precision: none | bf16 (CUDA, CPUs that support it) | fp16 (CUDA)"
+    )
+    imagenet_stem: bool = _arg(
+        False, "the ImageNet network's stride-8 stems (implied by --dataset imagenet)"
+    )
     momentum: float = _arg(0.9, "SGD momentum")
     weight_decay: float = _arg(3e-4, "weight decay")
     grad_clip: float = _arg(5.0, "gradient-norm clipping")
@@ -217,8 +260,39 @@ class AugmentConfig(BaseConfig):
         "as in the paper's protocol)",
     )
 
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
+        # The paper's ImageNet mobile setting (DARTS.md section 8; the authors' ImageNet script).
+        "imagenet": dict(
+            epochs=250,
+            batch_size=128,
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=3e-5,
+            lr_schedule="step",
+            lr_gamma=0.97,
+            label_smoothing=0.1,
+            aux_weight=0.4,
+            grad_clip=5.0,
+            drop_path_prob=0.0,
+            cutout_length=0,
+            init_channels=48,
+            layers=14,
+            imagenet_stem=True,
+        )
+    }
+
     def check(self) -> None:
         super().check()
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"--lr_schedule must be {' | '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp must be {' | '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.aux_weight < 0:
             raise ConfigError(f"--aux_weight must be >= 0, got {self.aux_weight}")
         if self.cutout_length < 0:

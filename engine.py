@@ -353,22 +353,41 @@ def evaluate(
     loader: Iterable,
     device: torch.device,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 of ``model`` over ``loader`` in eval mode; under DDP the sums of
-    every process's shard, so each image counts once."""
+    """Loss, top-1 and top-5 of ``model`` over ``loader`` in eval mode (the forward under
+    autocast to ``amp_dtype`` if given); under DDP the sums of every process's shard, so each
+    image counts once."""
     was_training = model.training
     model.eval()
     meters = Meters()
     for X, y in _batches(loader):
         X, y = _to(X, device), _to(y, device)
-        out = model(X)
-        logits = out[0] if isinstance(out, tuple) else out
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(X)
+        logits = (out[0] if isinstance(out, tuple) else out).float()
         meters.update(criterion(logits, y), logits, y)
     model.train(was_training)
     loss, top1, top5, n = distributed.all_reduce_sum(
         [meters.loss.sum, meters.top1.sum, meters.top5.sum, float(meters.loss.count)], device
     )
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "count": n}
+
+
+def log_skipped_files(run: Run, *data: Any) -> None:
+    """Log how many image files the datasets (or the loaders') skipped so far, if any
+    (preproc.ImageFolderDataset: files that are not images, files that cannot be decoded)."""
+    from preproc import skipped_files
+
+    for d in data:
+        if d is None:
+            continue
+        rejected, unreadable = skipped_files(getattr(d, "dataset", d))
+        if rejected or unreadable:
+            run.logger.warning(
+                f"WARNING: image files skipped so far: {rejected} not images, {unreadable} "
+                f"unreadable reads (each file is named on stderr)"
+            )
 
 
 def log_eval(run: Run, split: str, epoch: int, result: dict[str, float], note: str = "") -> None:

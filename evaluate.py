@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import genotypes as gt
-from augment import build_model
+from augment import amp_dtype, build_model
 from checkpoint import load_checkpoint
 from config import AugmentConfig, ConfigError
 from distributed import resolve_device
@@ -35,6 +35,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=256, help="batch size")
     p.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="none", help="mixed precision: none | bf16 | fp16 (CUDA)")
     return p
 
 
@@ -48,17 +49,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     cfg.dataset = args.dataset or cfg.dataset
     cfg.data_path = args.data_path or cfg.data_path
     cfg.device, cfg.workers, cfg.batch_size = args.device, args.workers, args.batch_size
+    cfg.amp = args.amp
     cfg.gpus = "0"  # one process evaluates; the run may have used several GPUs
     cfg.check()
     if cfg.dataset != saved["dataset"]:
-        ds_new, ds_old = dataset_info(cfg.dataset), dataset_info(saved["dataset"])
+        ds_new = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
+        ds_old = dataset_info(saved["dataset"], saved["data_path"], cfg.image_size)
         if ds_new != ds_old:
             raise ConfigError(
                 f"the network was trained on {saved['dataset']} ({ds_old}); it cannot "
                 f"classify {cfg.dataset} ({ds_new})"
             )
     device = resolve_device(cfg.device, cfg.gpu_ids())
-    test_data = get_dataset(cfg.dataset, cfg.data_path, train=False)
+    # An image folder's test split is val/, normalised as in training (the run's config holds
+    # the mean and std it computed).
+    test_data = get_dataset(
+        cfg.dataset, cfg.data_path, False, image_size=cfg.image_size, normalize=cfg.normalize
+    )
     loader = data_loader(test_data, cfg.batch_size, cfg.workers, device.type == "cuda")
     model = build_model(cfg, gt.from_str(state["genotype"]))
     try:
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             f"the weights in {args.checkpoint} do not fit the network its config describes"
         ) from None
     model.to(device).to(memory_format=memory_format(cfg.memory_format))
-    return evaluate(model, loader, device, nn.CrossEntropyLoss())
+    return evaluate(model, loader, device, nn.CrossEntropyLoss(), amp_dtype(cfg.amp, device))
 
 
 def main(argv: list[str] | None = None) -> int:

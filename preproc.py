@@ -1,15 +1,19 @@
 """Datasets and transforms for DARTS search and evaluation.
 
 Supported datasets: CIFAR-10, MNIST, Fashion-MNIST (through torchvision, read from
-``data_path``) and scikit-learn's 8x8 ``digits`` (ships with scikit-learn, works offline).
-Every dataset yields ``(float32 tensor (C, H, W), normalised; int label)``.
+``data_path``), scikit-learn's 8x8 ``digits`` (ships with scikit-learn, works offline), and
+image folders in torchvision's ImageFolder layout (``data_path/train/<class>/*``,
+``data_path/val/<class>/*``): ``imagenet`` (the paper's ImageNet recipe) and ``folder`` (your
+own images). Every dataset yields ``(float32 tensor (C, H, W), normalised; int label)``.
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -22,7 +26,11 @@ from torchvision import transforms as T
 
 from utils import UserError
 
-DATASETS = ("cifar10", "mnist", "fashionmnist", "digits")
+FOLDER_DATASETS = ("imagenet", "folder")
+DATASETS = ("cifar10", "mnist", "fashionmnist", "digits", *FOLDER_DATASETS)
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+FOLDER_SIZE = {"imagenet": 224, "folder": 32}  # the default --image_size
+IMAGE_EXTENSIONS = tv_datasets.folder.IMG_EXTENSIONS
 
 
 class DataError(UserError):
@@ -70,14 +78,19 @@ _DIGITS_SPLIT_SEED = 0
 
 
 def _check_name(name: str) -> str:
-    if name not in _INFO:
+    if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     return name
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Input size, channels and number of classes of dataset `name`."""
-    return _INFO[_check_name(name)]
+def dataset_info(name: str, data_path: str = "", image_size: int = 0) -> DatasetInfo:
+    """Input size, channels and number of classes of dataset `name`. An image folder's classes
+    are its training folder's subfolders; its size is ``image_size`` (0: 224 for imagenet, 32
+    for folder) and its images are read as RGB."""
+    if _check_name(name) in FOLDER_DATASETS:
+        classes = folder_classes(os.path.join(os.path.expanduser(data_path), "train"))
+        return DatasetInfo(image_size or FOLDER_SIZE[name], 3, len(classes))
+    return _INFO[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +363,199 @@ def digits_normalization() -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Image folders (imagenet, folder)
+# ---------------------------------------------------------------------------------------------
+_LAYOUT = "<class>/<image files> (torchvision's ImageFolder layout)"
+
+
+def folder_classes(split_dir: str) -> list[str]:
+    """The class folders of ``split_dir``, sorted; DataError when it is missing or empty, or
+    when a class folder holds no image."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"no image folder at {split_dir}: expected {split_dir}/{_LAYOUT}")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} holds no class folders: expected {split_dir}/{_LAYOUT}")
+    for c in classes:
+        folder = os.path.join(split_dir, c)
+        if not any(
+            f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) for f in os.scandir(folder)
+        ):
+            raise DataError(
+                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+    return classes
+
+
+def _check_same_classes(root: str) -> None:
+    train = set(folder_classes(os.path.join(root, "train")))
+    val = set(folder_classes(os.path.join(root, "val")))
+    if train != val:
+        only_train, only_val = sorted(train - val), sorted(val - train)
+        raise DataError(
+            f"{root}/train and {root}/val must hold the same classes: only in train: "
+            f"{', '.join(only_train[:5]) or '-'}; only in val: {', '.join(only_val[:5]) or '-'}"
+        )
+
+
+class ImageFolderDataset(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder (images read as RGB: grayscale and CMYK files too) that never
+    stops a run on a bad file.
+
+    A file without an image extension is left out when the folder is scanned (``rejected``
+    lists them). A file that cannot be decoded (not an image, or a truncated JPEG) is skipped
+    when it is read: a warning line names it, the next image takes its place, and
+    ``unreadable`` (shared with the loader's worker processes) counts the skips."""
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        self.rejected: list[str] = []
+        self.unreadable = multiprocessing.Value("i", 0)
+        self._warned: set[str] = set()
+        super().__init__(root, transform=transform, is_valid_file=self._is_image)
+
+    def _is_image(self, path: str) -> bool:
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            return True
+        self.rejected.append(path)
+        return False
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for k in range(len(self.samples)):
+            path, target = self.samples[(index + k) % len(self.samples)]
+            try:
+                img = self.loader(path)  # decodes the whole file: truncation shows here
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
+                self._skip(path, e)
+                continue
+            return self.transform(img) if self.transform else img, target  # type: ignore[return-value]
+        raise DataError(f"no readable image in {self.root}")
+
+    def _skip(self, path: str, error: Exception) -> None:
+        with self.unreadable.get_lock():
+            self.unreadable.value += 1
+        if path not in self._warned:
+            self._warned.add(path)
+            print(f"WARNING: skipped {path}: {_one_line(str(error))[:200]}", file=sys.stderr)
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"m1,m2,m3/s1,s2,s3"`` -> ((m1, m2, m3), (s1, s2, s3))."""
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split("/"))
+    except ValueError:
+        raise DataError(
+            f"--normalize must be auto, imagenet or MEAN/STD (e.g. 0.5,0.5,0.5/0.25,0.25,0.25), "
+            f"got {text!r}"
+        ) from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DataError(f"--normalize needs 3 means and 3 positive stds, got {text!r}")
+    return mean, std
+
+
+def resolve_normalize(
+    name: str, data_path: str, image_size: int, normalize: str, with_val: bool = False
+) -> str:
+    """The ``--normalize`` a run records: for an image folder with ``auto``, the per-channel
+    mean and std of its training images, computed once (on up to 1,000 images spread evenly
+    over the sorted files, resized and centre-cropped to the run's size) and written as
+    ``MEAN/STD``, so that the run's config holds the numbers and a resumed run (which computes
+    them again, identically) matches it. Other data sets keep their published constants.
+    The folder's layout is checked first (``with_val``: its val/ split too)."""
+    if name not in FOLDER_DATASETS:
+        if normalize != "auto":
+            raise DataError(f"--normalize applies to image folders only, not to {name}")
+        return normalize
+    root = os.path.expanduser(data_path)
+    if with_val:
+        _check_same_classes(root)
+    else:
+        folder_classes(os.path.join(root, "train"))
+    if normalize == "imagenet" or (normalize == "auto" and name == "imagenet"):
+        return "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)
+    if normalize != "auto":
+        parse_normalize(normalize)
+        return normalize
+    size = image_size or FOLDER_SIZE[name]
+    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+    data = ImageFolderDataset(os.path.join(root, "train"), tf)
+    picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), 1000)).round().astype(int))
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for i in picks.tolist():
+        x = data[i][0].double()  # (3, size, size)
+        total += x.sum((1, 2))
+        squares += (x * x).sum((1, 2))
+        n += x[0].numel()
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(1e-12).sqrt()
+    return "/".join(",".join(f"{v:.4f}" for v in t.tolist()) for t in (mean, std))
+
+
+def _folder_transform(
+    name: str, size: int, train: bool, augment: bool, cutout_length: int, normalize: str
+) -> T.Compose:
+    """ImageNet: RandomResizedCrop, flip and ColorJitter(0.4, 0.4, 0.4, 0.2) for training;
+    resize to 256/224 of the size and centre crop for evaluation (the paper's recipe). A
+    folder: resize the short side to the size, then a random crop padded by size/8 and a flip
+    (CIFAR-10's augmentation) or a centre crop."""
+    steps: list[Callable]
+    if name == "imagenet":
+        if augment:
+            steps = [
+                T.RandomResizedCrop(size),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
+            ]
+        else:
+            steps = [T.Resize(size * 256 // 224), T.CenterCrop(size)]
+    elif augment:
+        steps = [T.Resize(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(size), T.CenterCrop(size)]
+    mean, std = parse_normalize(normalize)
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if augment and cutout_length > 0:
+        steps.append(Cutout(cutout_length))
+    return T.Compose(steps)
+
+
+def _load_folder(
+    name: str,
+    data_path: str,
+    train: bool,
+    augment: bool,
+    cutout_length: int,
+    image_size: int,
+    normalize: str,
+) -> Dataset:
+    root = os.path.expanduser(data_path)
+    split = os.path.join(root, "train" if train else "val")
+    if train:
+        folder_classes(split)
+    else:
+        _check_same_classes(root)
+    if normalize == "auto":
+        normalize = resolve_normalize(name, data_path, image_size, normalize)
+    size = image_size or FOLDER_SIZE[name]
+    tf = _folder_transform(name, size, train, augment, cutout_length, normalize)
+    data = ImageFolderDataset(split, tf)
+    for path in data.rejected:
+        print(f"WARNING: skipped {path}: not an image file", file=sys.stderr)
+    return data
+
+
+def skipped_files(dataset: Dataset) -> tuple[int, int]:
+    """(files left out as not images, files skipped as unreadable so far) of an image-folder
+    dataset, or of the one inside a Subset; (0, 0) for the other data sets."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, ImageFolderDataset):
+        return len(dataset.rejected), int(dataset.unreadable.value)
+    return 0, 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 
@@ -361,14 +567,19 @@ def get_dataset(
     augment: bool = False,
     cutout_length: int = 0,
     download: bool = True,
+    image_size: int = 0,
+    normalize: str = "auto",
 ) -> Dataset:
     """Training (train=True) or test split of `name`, yielding (normalised float CHW, label).
 
     augment=True adds the training augmentation (and Cutout when cutout_length > 0).
     Raises DataError (one-line message) for an unknown name or missing/unreadable files.
-    `data_path` is ignored for digits.
+    `data_path` is ignored for digits. Image folders: the test split is ``val/``; images are
+    resized to ``image_size`` (0: the data set's default) and normalised per ``normalize``
+    (see :func:`resolve_normalize`).
     """
-    _check_name(name)
+    if _check_name(name) in FOLDER_DATASETS:
+        return _load_folder(name, data_path, train, augment, cutout_length, image_size, normalize)
     if name == "digits":
         mean, std = digits_normalization()
         tf = _build_transform(name, (mean,), (std,), augment, cutout_length, to_tensor=False)

@@ -13,6 +13,7 @@ data split and the step of the paper's Algorithm 1.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from architect import Architect
 from config import ConfigError, SearchConfig
 from distributed import DistInfo, unwrap, wrap_ddp
 from models.search_cnn import SearchCNNController
-from preproc import dataset_info, get_dataset
+from preproc import dataset_info, get_dataset, resolve_normalize
 from utils import count_parameters, write_jsonl
 
 RUN_ROOT = "searchs"
@@ -104,7 +105,10 @@ def make_loaders(
     project's addition; 0 by default, the paper's split), then the weight half and the alpha
     half (``train_portion`` of the rest). The split is fixed by the seed; the batch order comes
     from ``generator`` (seeded with the seed when not given), so a run is reproducible."""
-    train_data = get_dataset(cfg.dataset, cfg.data_path, train=True, augment=True)
+    data = functools.partial(
+        get_dataset, cfg.dataset, cfg.data_path, image_size=cfg.image_size, normalize=cfg.normalize
+    )
+    train_data = data(train=True, augment=True)
     n = len(train_data)  # type: ignore[arg-type]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_select = int(cfg.select_portion * n)
@@ -136,7 +140,7 @@ def make_loaders(
     )
     select_loader = None
     if n_select:
-        eval_data = get_dataset(cfg.dataset, cfg.data_path, train=True, augment=False)
+        eval_data = data(train=True, augment=False)
         # evaluate() sums the shards of the processes
         select_loader = engine.data_loader(
             Subset(eval_data, perm[:n_select][rank::world]), **common
@@ -189,7 +193,7 @@ def log_alphas(run: engine.Run, model: SearchCNNController, epoch: int) -> dict[
 def run(cfg: SearchConfig) -> gt.Genotype:
     import visualize
 
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
     with engine.Run.open(cfg, RUN_ROOT, "search") as run:
         train_loader, valid_loader, select_loader, _ = make_loaders(
             cfg, run.pin_memory, run.dist, run.data_gen
@@ -250,6 +254,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
                     run.extra["best_genotype"] = genotype
             record["genotype"] = genotype
             files = lambda: write_history(run, can_plot)  # noqa: E731
+            engine.log_skipped_files(run, train_loader)
             run.end_epoch(record, {"alphas": alphas}, write_files=files)
 
         run.check_replicas("weights, alphas and BN statistics")
@@ -278,6 +283,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
 def main(argv: list[str] | None = None) -> int:
     def prepare(argv: list[str]) -> tuple[SearchConfig, Callable[[], Any]]:
         cfg = SearchConfig.from_argv(argv)
+        cfg.normalize = resolve_normalize(cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize)
         return cfg, lambda: run(cfg)
 
     return engine.script_main(__file__, RUN_ROOT, argv, prepare)

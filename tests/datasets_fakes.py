@@ -135,3 +135,40 @@ def write_fake_mnist(
     _write_idx_labels(os.path.join(raw, "train-labels-idx1-ubyte"), y_train)
     _write_idx_images(os.path.join(raw, "t10k-images-idx3-ubyte"), x_test)
     _write_idx_labels(os.path.join(raw, "t10k-labels-idx1-ubyte"), y_test)
+
+
+def write_image_folder(root: str, n_classes: int = 3, per_class: int = 4, seed: int = 0) -> dict:
+    """An ImageFolder tree with JPEGs written by Pillow: ``root/train/<class>/`` with
+    ``per_class`` images of random sizes each (one grayscale, one CMYK), plus one truncated
+    JPEG and one file that is not an image; ``root/val/<class>/`` with 2 images each.
+    Returns the paths of the bad files."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+
+    def jpeg(path: str, mode: str = "RGB") -> None:
+        h, w = rng.randint(20, 60, size=2)
+        pixels = rng.randint(0, 256, size=(h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(pixels, "RGB")
+        if mode != "RGB":
+            img = img.convert(mode)
+        img.save(path, format="JPEG")
+
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in range(n_classes):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                mode = "L" if (c, i) == (0, 0) else "CMYK" if (c, i) == (1, 0) else "RGB"
+                jpeg(os.path.join(folder, f"img_{i}.jpg"), mode)
+    train0 = os.path.join(root, "train", "class_0")
+    truncated = os.path.join(train0, "truncated.jpg")
+    jpeg(truncated)
+    with open(truncated, "rb") as f:
+        data = f.read()
+    with open(truncated, "wb") as f:
+        f.write(data[: len(data) // 2])
+    not_image = os.path.join(train0, "notes.txt")
+    with open(not_image, "w") as f:
+        f.write("not an image")
+    return {"truncated": truncated, "not_image": not_image}

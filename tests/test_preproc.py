@@ -34,7 +34,9 @@ def test_dataset_info_values():
     assert dataset_info("mnist") == DatasetInfo(28, 1, 10)
     assert dataset_info("fashionmnist") == DatasetInfo(28, 1, 10)
     assert dataset_info("digits") == DatasetInfo(8, 1, 10)
-    assert set(preproc.DATASETS) == {"cifar10", "mnist", "fashionmnist", "digits"}
+    assert set(preproc.DATASETS) == {
+        "cifar10", "mnist", "fashionmnist", "digits", "imagenet", "folder"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("call", [dataset_info, lambda n: get_dataset(n, "/nonexistent", True)])

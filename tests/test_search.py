@@ -156,7 +156,7 @@ def test_help_prints_every_default(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
         (["--dataset", "mnist", "--data_path", "EMPTY"], "MNIST"),
         (["--dataset", "digits", "--train_portion", "1.5"], "--train_portion must be in (0, 1)"),
         (["--dataset", "digits", "--layers", "2"], "--layers must be >= 3"),

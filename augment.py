@@ -231,11 +231,7 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         run.start("Augment")
         run.logger.info(f"Genotype = {gt.to_str(genotype)}")
         if cfg.cutout_length >= input_size:
-            run.logger.warning(
-                f"WARNING: --cutout_length {cfg.cutout_length} is not smaller than the "
-                f"{input_size}x{input_size} images of {cfg.dataset}: Cutout can blank whole "
-                f"training images (try --cutout_length {input_size // 2} or 0)"
-            )
+            run.logger.warning(cutout_warning(cfg, input_size))
         model = run.place(build_model(cfg, genotype))
         run.logger.info(describe(model))
         optimizer = torch.optim.SGD(
@@ -278,50 +274,71 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
             scheduler.step()
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "drop_path_prob": drop_p}
             record.update({f"train_{k}": v for k, v in train.items()})
-            for split, loader in (("val", val_loader), ("test", test_loader)):
-                if loader is not None:
-                    result = engine.evaluate(
-                        model, loader, run.device, nn.CrossEntropyLoss(), dtype
-                    )
-                    record.update({f"{split}_{k}": v for k, v in result.items()})
-            is_best = record[f"{select}_top1"] > run.extra["best_top1"]
-            if is_best:
-                run.extra["best_top1"], run.extra["best_epoch"] = record[f"{select}_top1"], epoch
-            best = f" (best {select} top1 {run.extra['best_top1']:.2%} at epoch "
-            best += f"{run.extra['best_epoch']})"
-            for split, name in (("val", "Validation"), ("test", "Test")):
-                if f"{split}_top1" in record:
-                    engine.log_eval(
-                        run, name, epoch, _split(record, split), best if split == select else ""
-                    )
+            splits = {"val": val_loader, "test": test_loader}
+            is_best = evaluate_epoch(run, model, splits, record, select, dtype)
             engine.log_skipped_files(run, train_loader.dataset, val_loader, test_loader)
             run.end_epoch(record, is_best=is_best, write_files=write_files)
 
         run.check_replicas("weights and BN statistics")
-        final_top1 = run.history[-1][f"{report}_top1"]
-        best_epoch = run.extra["best_epoch"]
-        best_top1 = run.history[best_epoch - 1][f"{report}_top1"]
-        if select == "test":
-            best_line = (
-                f"Best test top1 = {best_top1:.2%} at epoch {best_epoch} (chosen on the test set: "
-                f"not comparable with the paper, which reports the final epoch)"
-            )
-        else:
-            best_line = (
-                f"Best epoch by validation top1 = {best_epoch} "
-                f"(val top1 {run.extra['best_top1']:.2%})"
-            )
-            if report == "test":
-                best_line += f", its test top1 = {best_top1:.2%}"
-        run.logger.info(f"Done: final {report} top1 {final_top1:.2%}; checkpoints in {run.dir}")
-        if run.is_main:
-            print(f"Final {report} top1 = {final_top1:.2%}")
-            print(best_line)
-        return final_top1, best_top1
+        return report_result(run, select, report)
 
 
-def _split(record: dict[str, Any], split: str) -> dict[str, float]:
-    return {k: record[f"{split}_{k}"] for k in ("loss", "top1", "top5")}
+def cutout_warning(cfg: AugmentConfig, size: int) -> str:
+    return (
+        f"WARNING: --cutout_length {cfg.cutout_length} is not smaller than the {size}x{size} "
+        f"images of {cfg.dataset}: Cutout can blank whole training images (try "
+        f"--cutout_length {size // 2} or 0)"
+    )
+
+
+def evaluate_epoch(
+    run: engine.Run,
+    model: AugmentCNN,
+    splits: dict[str, Any],
+    record: dict[str, Any],
+    select: str,
+    dtype: torch.dtype | None,
+) -> bool:
+    """Evaluate on every split that has a loader, into ``record`` (``val_top1``, ...), and log
+    it; keep the best epoch by the ``select`` split. Returns whether this epoch is the best."""
+    for split, loader in splits.items():
+        if loader is not None:
+            result = engine.evaluate(model, loader, run.device, nn.CrossEntropyLoss(), dtype)
+            record.update({f"{split}_{k}": v for k, v in result.items()})
+    epoch, top1 = record["epoch"], record[f"{select}_top1"]
+    is_best = top1 > run.extra["best_top1"]
+    if is_best:
+        run.extra["best_top1"], run.extra["best_epoch"] = top1, epoch
+    best = f" (best {select} top1 {run.extra['best_top1']:.2%} at epoch {run.extra['best_epoch']})"
+    for split, name in (("val", "Validation"), ("test", "Test")):
+        if f"{split}_top1" in record:
+            result = {k: record[f"{split}_{k}"] for k in ("loss", "top1", "top5")}
+            engine.log_eval(run, name, epoch, result, best if split == select else "")
+    return is_best
+
+
+def report_result(run: engine.Run, select: str, report: str) -> tuple[float, float]:
+    """Print the run's result: the final epoch's top-1 on the ``report`` split (the test set,
+    the paper's figure), then the best epoch, chosen on the ``select`` split. Returns both."""
+    final_top1 = run.history[-1][f"{report}_top1"]
+    best_epoch = run.extra["best_epoch"]
+    best_top1 = run.history[best_epoch - 1][f"{report}_top1"]
+    if select == "test":
+        best_line = (
+            f"Best test top1 = {best_top1:.2%} at epoch {best_epoch} (chosen on the test set: "
+            f"not comparable with the paper, which reports the final epoch)"
+        )
+    else:
+        best_line = (
+            f"Best epoch by validation top1 = {best_epoch} (val top1 {run.extra['best_top1']:.2%})"
+        )
+        if report == "test":
+            best_line += f", its test top1 = {best_top1:.2%}"
+    run.logger.info(f"Done: final {report} top1 {final_top1:.2%}; checkpoints in {run.dir}")
+    if run.is_main:
+        print(f"Final {report} top1 = {final_top1:.2%}")
+        print(best_line)
+    return final_top1, best_top1
 
 
 def main(argv: list[str] | None = None) -> int:

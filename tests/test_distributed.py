@@ -141,3 +141,27 @@ def test_two_process_augment_tests_every_image_once(launch, tmp_path):
     assert top1 == pytest.approx(rows[-1]["test_top1"], abs=5e-5)
     state = torch.load(run / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_two_process_augment_on_an_image_folder(tmp_path):
+    """DDP with an image folder, loader workers and pinned memory asked for (a no-op on the CPU):
+    every val image counted once, and evaluate.py agrees with the sharded figure."""
+    from datasets_fakes import write_image_folder
+
+    root = str(tmp_path / "images")
+    write_image_folder(root)
+    args = ["--name", "f", "--dataset", "folder", "--data_path", root, "--image_size", "16"]
+    args += ["--genotype", "DARTS_V2", "--epochs", "1", "--layers", "3", "--init_channels", "4"]
+    args += ["--batch_size", "4", "--workers", "2", "--cutout_length", "4"]
+    res = torchrun("augment.py", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "augments" / "f"
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["test_count"] == 6  # 3 classes x 2 val images, each counted once
+    log = (run / "augment.log").read_text()
+    assert "DDP: weights and BN statistics are identical on the 2 processes" in log
+    res = run_script("evaluate.py", "--checkpoint", str(run / "checkpoint.pth.tar"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    top1 = float(res.stdout.split("top1 ")[1].split("%")[0]) / 100
+    assert top1 == pytest.approx(rows[-1]["test_top1"], abs=5e-5)

@@ -33,6 +33,7 @@ import genotypes as gt
 from config import AugmentConfig, ConfigError
 from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
+from models.flops import RULE, mult_adds
 from preproc import dataset_info, get_dataset, resolve_normalize
 from utils import count_parameters
 
@@ -204,11 +205,13 @@ def build_model(cfg: AugmentConfig, genotype: gt.Genotype) -> AugmentCNN:
         cfg.layers,
         cfg.aux_weight > 0,
         genotype,
+        imagenet=cfg.imagenet_stem,
     )
 
 
 def describe(model: AugmentCNN) -> str:
-    """The parameter count as the paper reports it (without the auxiliary head)."""
+    """The parameter count as the paper reports it (without the auxiliary head), and the
+    mult-adds at the input size, with the rule that counts them (models/flops.py)."""
     n = count_parameters(model, exclude="aux_head")
     aux = (
         f"auxiliary head {count_parameters(model) - n:,} more, on "
@@ -216,7 +219,12 @@ def describe(model: AugmentCNN) -> str:
         if model.aux_head is not None
         else "no auxiliary head (--aux_weight 0)"
     )
-    return f"Model: {n:,} parameters = {n / 1e6:.2f}M without the auxiliary head; {aux}"
+    size = model.input_size
+    madds = mult_adds(model, (model.C_in, size, size))
+    return (
+        f"Model: {n:,} parameters = {n / 1e6:.2f}M without the auxiliary head; {aux}\n"
+        f"Model: {madds:,} mult-adds = {madds / 1e6:.1f}M at {size}x{size} ({RULE})"
+    )
 
 
 def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:

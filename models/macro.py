@@ -44,17 +44,26 @@ class CellShape:
     reduction: bool
 
 
-def cell_shapes(n_layers: int, C_stem: int, C: int, n_concat: tuple[int, int]) -> list[CellShape]:
+def cell_shapes(
+    n_layers: int,
+    C_stem: int,
+    C: int,
+    n_concat: tuple[int, int],
+    stem_reduces: bool = False,
+) -> list[CellShape]:
     """The channel bookkeeping of the ``n_layers`` cells after a stem of ``C_stem`` channels.
 
     ``C`` is the channels per node of the first cells, doubled at each reduction cell;
     ``n_concat``: how many nodes a (normal, reduction) cell concatenates into its output.
+    ``stem_reduces``: the first cell's s0 is twice as large as its s1, as after a reduction
+    cell (the ImageNet network: s0 is stem0's output, s1 stem1's), so it reads s0 through
+    FactorizedReduce.
     """
     if n_layers < 1:
         raise ValueError(f"a network needs at least one cell, got n_layers={n_layers}")
     shapes = []
     C_pp, C_p, C_cur = C_stem, C_stem, C
-    reduction_p = False
+    reduction_p = stem_reduces
     for i in range(n_layers):
         reduction = i in reduction_layers(n_layers)
         if reduction:

@@ -131,8 +131,11 @@ def self_launch(script: str, argv: list[str], device: str, gpu_ids: list[int] | 
         monitor_interval=1,
     )
     # The launcher's own warnings (a worker's exit, its shutdown) would repeat, in torch's
-    # format, what the processes and the script say in one line.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # format, what the processes and the script say in one line. Its modules' loggers carry
+    # their own level, so each is set.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     os.environ[SELF_LAUNCHED] = "1"  # the processes inherit it
     try:
         elastic_launch(config, sys.executable)(os.path.abspath(script), *argv)

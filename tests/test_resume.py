@@ -173,6 +173,21 @@ def test_a_signal_to_the_process_group_stops_cleanly(cmd, sig, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_to_the_process_group_stops_a_ddp_run_cleanly(tmp_path):
+    """The same under DDP (--gpus self-launch, two CPU processes, 2 loader workers each): the
+    launcher, the two processes and their workers all get SIGTERM; one line, exit 143."""
+    cmd = [*AUGMENT, "--workers", "2", "--device", "cpu", "--gpus", "0,1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = start(cmd, tmp_path, start_new_session=True, env=env)
+    wait_for_first_epoch(proc, tmp_path, "augment.py")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.startswith("augment.py: interrupted by SIGTERM: ") and err.count("\n") == 1
+    assert final_state(tmp_path, "augment.py")["epoch"] == 1
+
+
+@pytest.mark.slow
 def test_a_run_folder_belongs_to_one_process(tmp_path):
     """A second process on a live run's folder is refused, fresh or --resume; once the holder is
     gone, even by kill -9, --resume takes the folder at once (the kernel drops the lock)."""

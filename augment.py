@@ -3,6 +3,8 @@
     python augment.py --name cifar10 --dataset cifar10 --genotype DARTS_V2
     python augment.py --name mine --dataset mnist --genotype searchs/mnist/genotype.txt
     python augment.py --name s --dataset cifar10 --genotype "Genotype(normal=[...], ...)"
+    python augment.py --name ft --dataset folder --data_path /data/birds --genotype DARTS_V2 \
+        --init_from imagenet_model.pt --epochs 30     # fine-tune the authors' weights
 
 Trains on the full training set and evaluates on the test set after every epoch (DARTS.md,
 section 3); the final epoch's test accuracy is the figure the paper reports. With
@@ -30,6 +32,7 @@ from torch.utils.data import DistributedSampler, Subset
 
 import engine
 import genotypes as gt
+import official
 from config import AugmentConfig, ConfigError
 from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
@@ -227,10 +230,27 @@ def describe(model: AugmentCNN) -> str:
     )
 
 
-def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
+def init_weights(cfg: AugmentConfig, genotype: gt.Genotype) -> official.Matched | None:
+    """``--init_from``: the file's tensors matched onto the network of ``cfg`` (official.py:
+    the authors' formats or this project's checkpoints; every tensor but the classifiers of
+    another class count), checked before anything is written and loaded by :func:`run`.
+    None without --init_from, and on --resume (the run's checkpoint holds its weights)."""
+    if not cfg.init_from or cfg.resume:
+        return None
+    model = build_model(cfg, genotype)
+    name = official.network_name(
+        cfg.genotype, cfg.imagenet_stem, cfg.init_channels, cfg.layers, model.linear.out_features
+    )
+    return official.init_state(model, cfg.init_from, name)
+
+
+def run(
+    cfg: AugmentConfig, genotype: gt.Genotype, init: official.Matched | None = None
+) -> tuple[float, float]:
     """Train and evaluate; returns the final epoch's top-1 and the best epoch's (selected on the
     validation split when there is one, else on the test set), in [0, 1], on the test set (on
-    the validation split with ``--no_test``)."""
+    the validation split with ``--no_test``). ``init``: the weights to start from
+    (:func:`init_weights`)."""
     input_size = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
         train_loader, val_loader, test_loader, _ = make_loaders(
@@ -240,8 +260,13 @@ def run(cfg: AugmentConfig, genotype: gt.Genotype) -> tuple[float, float]:
         run.logger.info(f"Genotype = {gt.to_str(genotype)}")
         if cfg.cutout_length >= input_size:
             run.logger.warning(cutout_warning(cfg, input_size))
-        model = run.place(build_model(cfg, genotype))
-        run.logger.info(describe(model))
+        model = build_model(cfg, genotype)
+        if init is not None and run.resumed is None:
+            official.apply(model, init)
+            run.logger.info(init.summary())
+        model = run.place(model)
+        for line in describe(model).splitlines():
+            run.logger.info(line)
         optimizer = torch.optim.SGD(
             model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -356,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.normalize = resolve_normalize(
             cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize, with_val=not cfg.no_test
         )
-        return cfg, lambda: run(cfg, genotype)
+        init = init_weights(cfg, genotype)
+        return cfg, lambda: run(cfg, genotype, init)
 
     return engine.script_main(__file__, RUN_ROOT, argv, prepare)
 

@@ -221,6 +221,13 @@ class AugmentConfig(BaseConfig):
         "genotype string, published name (DARTS_V1, DARTS_V2) or the path of a genotype file",
         required=True,
     )
+    init_from: str = _arg(
+        "",
+        "start from these weights instead of a random initialisation: the authors' released "
+        "files (CIFAR state_dict, ImageNet checkpoint) or a checkpoint of this project, for the "
+        "same --genotype, --init_channels and --layers; a classifier of another class count "
+        "(main and auxiliary) starts new",
+    )
     batch_size: int = _arg(96, "batch size")
     lr: float = _arg(0.025, "learning rate (initial; see --lr_schedule)")
     lr_schedule: str = _arg(
@@ -303,3 +310,6 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--val_portion must be in [0, 1), got {self.val_portion}")
         if self.no_test and self.val_portion == 0:
             raise ConfigError("--no_test needs a --val_portion to evaluate on")
+        # A resumed run takes its weights from its own checkpoint, not from --init_from.
+        if self.init_from and not self.resume and not os.path.isfile(self.init_from):
+            raise ConfigError(f"--init_from: no file at {self.init_from}")

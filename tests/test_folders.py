@@ -206,3 +206,45 @@ def test_search_on_a_folder(folder, tmp_path):
     assert "skipped" in res.stderr  # the truncated JPEG and notes.txt, named
     config = (tmp_path / "searchs" / "f" / "config.json").read_text()
     assert '"normalize": "0.' in config  # the computed mean and std, in the run's config
+
+
+@pytest.mark.slow
+def test_imagenet_network_on_a_folder_trains_evaluates_and_resumes(folder, tmp_path):
+    """The ImageNet path end to end, small: the ImageNet network (--imagenet_stem) at 224 on a
+    generated folder; a run killed after its first epoch and resumed ends bit for bit as the
+    run never interrupted, and evaluate.py on its checkpoint gives its logged accuracy."""
+    import signal
+
+    from test_resume import start, wait_for_first_epoch
+
+    root, _ = folder
+    args = ["augment.py", "--dataset", "folder", "--data_path", root, "--imagenet_stem"]
+    args += ["--image_size", "224", "--genotype", "DARTS_V2", "--init_channels", "8"]
+    args += ["--layers", "5", "--batch_size", "4", "--workers", "0", "--epochs", "2"]
+    res = run_script(*args, "--name", "u", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Final test top1 = " in res.stdout
+    log = (tmp_path / "augments" / "u" / "augment.log").read_text()
+    assert "mult-adds" in log
+    uninterrupted = torch.load(
+        tmp_path / "augments" / "u" / "checkpoint.pth.tar", weights_only=True
+    )
+
+    proc = start([*args, "--name", "r"], tmp_path)
+    log_dir = tmp_path / "augments" / "r"
+    wait_for_first_epoch(proc, tmp_path, "augment.py", log_dir / "augment.log")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = run_script(*args, "--name", "r", "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    resumed = torch.load(log_dir / "checkpoint.pth.tar", weights_only=True)
+    assert resumed["epoch"] == 2 and "stem0.0.weight" in resumed["model"]
+    for k, v in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+
+    res = run_script(
+        "evaluate.py", "--checkpoint", str(log_dir / "checkpoint.pth.tar"), cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    top1 = float(res.stdout.split("top1 ")[1].split("%")[0]) / 100
+    assert top1 == pytest.approx(resumed["history"][-1]["test_top1"], abs=5e-5)

@@ -71,8 +71,9 @@ def start(cmd, cwd, **kw):
     )
 
 
-def wait_for_first_epoch(proc, cwd, script):
-    log = run_dir(cwd, script) / ("search.log" if script == "search.py" else "augment.log")
+def wait_for_first_epoch(proc, cwd, script, log=None):
+    if log is None:
+        log = run_dir(cwd, script) / ("search.log" if script == "search.py" else "augment.log")
     deadline = time.time() + 300
     while time.time() < deadline:
         if log.exists() and "Epoch 1 done" in log.read_text():

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import official
 from distributed import parse_gpus
 from genotypes import MAX_NODES
 from preproc import DATASETS, FOLDER_DATASETS
@@ -89,7 +90,7 @@ class BaseConfig:
     def from_argv(cls: type[T], argv: list[str] | None = None) -> T:
         parser = cls.parser(cls.__doc__ or "")
         args = vars(parser.parse_args(argv))
-        recipe = cls.RECIPES.get(args["dataset"], {})
+        recipe = cls.recipe(args)
         if recipe:  # the recipe's values, for the flags the command line does not give
             for action in parser._actions:
                 action.default = argparse.SUPPRESS
@@ -98,6 +99,11 @@ class BaseConfig:
         cfg = cls(**args)
         cfg.check()
         return cfg
+
+    @classmethod
+    def recipe(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Defaults that the given flags imply, for the flags not given: --dataset's recipe."""
+        return dict(cls.RECIPES.get(args["dataset"], {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,9 +230,10 @@ class AugmentConfig(BaseConfig):
     init_from: str = _arg(
         "",
         "start from these weights instead of a random initialisation: the authors' released "
-        "files (CIFAR state_dict, ImageNet checkpoint) or a checkpoint of this project, for the "
-        "same --genotype, --init_channels and --layers; a classifier of another class count "
-        "(main and auxiliary) starts new",
+        "files (CIFAR state_dict, ImageNet checkpoint) or a checkpoint of this project. The "
+        "network defaults to the file's (the authors' ImageNet network: --imagenet_stem, C 48, "
+        "14 layers, and on a folder --image_size 224 --normalize imagenet; their CIFAR one: C "
+        "36, 20 layers); a classifier of another class count (main and auxiliary) starts new",
     )
     batch_size: int = _arg(96, "batch size")
     lr: float = _arg(0.025, "learning rate (initial; see --lr_schedule)")
@@ -288,6 +295,17 @@ class AugmentConfig(BaseConfig):
         )
     }
 
+    @classmethod
+    def recipe(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """--dataset's recipe, then the network of --init_from's weights: their network type
+        and size (official.network_defaults), which the file decides over the data set."""
+        recipe = super().recipe(args)
+        if args.get("init_from"):
+            if not os.path.isfile(args["init_from"]):
+                raise ConfigError(f"--init_from: no file at {args['init_from']}")
+            recipe.update(official.network_defaults(args["init_from"], args["dataset"]))
+        return recipe
+
     def check(self) -> None:
         super().check()
         if self.lr_schedule not in LR_SCHEDULES:
@@ -310,6 +328,6 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--val_portion must be in [0, 1), got {self.val_portion}")
         if self.no_test and self.val_portion == 0:
             raise ConfigError("--no_test needs a --val_portion to evaluate on")
-        # A resumed run takes its weights from its own checkpoint, not from --init_from.
-        if self.init_from and not self.resume and not os.path.isfile(self.init_from):
+        # The file sets the network's defaults: a resumed run reads it too (not its weights).
+        if self.init_from and not os.path.isfile(self.init_from):
             raise ConfigError(f"--init_from: no file at {self.init_from}")

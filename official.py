@@ -302,6 +302,24 @@ def apply(model: nn.Module, matched: Matched) -> None:
         )
 
 
+def network_defaults(path: str, dataset: str) -> dict[str, Any]:
+    """The settings of the network the weights in ``path`` belong to, as defaults of
+    ``augment.py --init_from`` for the flags not given: the authors' ImageNet network
+    (``--imagenet_stem``, the published C=48 and 14 layers, and on an image folder other than
+    imagenet 224 inputs and ImageNet's mean and std, which it was trained on) or their CIFAR
+    network (C=36, 20 layers); for a checkpoint of this project, its config's network."""
+    weights = read_weights(path)
+    if "config" in weights.meta:
+        saved = weights.meta["config"]
+        return {k: saved[k] for k in ("init_channels", "layers", "imagenet_stem") if k in saved}
+    net = "imagenet" if weights.imagenet else "cifar"
+    C, layers = PUBLISHED_SIZE[net]
+    defaults: dict[str, Any] = dict(init_channels=C, layers=layers, imagenet_stem=weights.imagenet)
+    if weights.imagenet and dataset in FOLDER_DATASETS and dataset != "imagenet":
+        defaults.update(image_size=224, normalize="imagenet")
+    return defaults
+
+
 def normalize_for(dataset: str, imagenet: bool) -> str:
     """The ``--normalize`` of a network built for the authors' weights: their ImageNet network
     was trained on ImageNet's mean and std, which an image folder other than imagenet must use

@@ -396,6 +396,33 @@ def test_init_from_a_checkpoint_of_this_project(tmp_path):
     assert torch.equal(matched.state["cells.3.preproc1.1.weight"], want)
 
 
+def net_of(cfg: AugmentConfig) -> tuple:
+    return cfg.init_channels, cfg.layers, cfg.imagenet_stem, cfg.image_size, cfg.normalize
+
+
+def test_init_from_defaults_to_the_network_of_the_file(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "birds"
+    write_image_folder(str(root), n_classes=3)
+    base = ["--name", "ft", "--dataset", "folder", "--data_path", str(root)]
+    base += ["--genotype", "DARTS_V2", "--init_from"]
+    cfg = AugmentConfig.from_argv(base + [IMAGENET])
+    assert net_of(cfg) == (48, 14, True, 224, "imagenet")  # the authors' ImageNet network
+    cfg = AugmentConfig.from_argv(base + [IMAGENET, *SIZE, "--image_size", "64"])
+    assert net_of(cfg) == (8, 5, True, 64, "imagenet")  # flags given win
+    assert net_of(AugmentConfig.from_argv(base + [CIFAR])) == (36, 20, False, 0, "auto")
+    ckpt = str(tmp_path / "v2.pth.tar")
+    assert (
+        load_convert_script().main([IMAGENET, "--genotype", "DARTS_V2", *SIZE, "--out", ckpt]) == 0
+    )
+    assert net_of(AugmentConfig.from_argv(base + [ckpt]))[:3] == (8, 5, True)
+    # The issue's command, on the small fixture: the published size does not fit it.
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert augment.main(base + [IMAGENET, "--epochs", "30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not fit DARTS_V2 (ImageNet network, C=48, 14 layers, 3 classes)" in err
+
+
 def test_init_from_checks_before_anything_is_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "birds"

@@ -8,9 +8,10 @@
 With --checkpoint the genotype and the network's configuration are read from the checkpoint;
 the reported top-1 is the one augment.py logged for that checkpoint. With --official the file
 holds tensors only (official.py reads the authors' formats): the network is built from
---genotype, --dataset (imagenet: the ImageNet network) and --init_channels / --layers, whose
-defaults are the published networks' (CIFAR: C=36, 20 layers; ImageNet: C=48, 14 layers), and
-the file must fit it tensor for tensor. On ImageNet the "test" split is val/.
+--genotype, the type of --dataset and of the file (the ImageNet network for imagenet or for
+their ImageNet file) and --init_channels / --layers, whose defaults are the published
+networks' (CIFAR: C=36, 20 layers; ImageNet: C=48, 14 layers); the file must fit it tensor for
+tensor. On ImageNet the "test" split is val/.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--imagenet_stem",
         action="store_true",
         help="--official: the ImageNet network on a data set other than imagenet (implied by "
-        "--dataset imagenet)",
+        "--dataset imagenet and by a file holding the authors' ImageNet network)",
     )
     p.add_argument("--batch_size", type=int, default=256, help="batch size")
     p.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
@@ -126,7 +127,8 @@ def from_official(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN]:
             )
     weights = official.read_weights(args.official)
     genotype = gt.load(args.genotype)
-    imagenet = args.dataset == "imagenet" or args.imagenet_stem
+    # The ImageNet network for imagenet, for --imagenet_stem, and for the authors' ImageNet file.
+    imagenet = args.dataset == "imagenet" or args.imagenet_stem or weights.imagenet
     C, layers = official.PUBLISHED_SIZE["imagenet" if imagenet else "cifar"]
     cfg = AugmentConfig(
         name="official",
@@ -136,7 +138,7 @@ def from_official(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN]:
         layers=args.layers or layers,
         aux_weight=0.4 if weights.has_aux else 0.0,  # the network holds the file's head
         imagenet_stem=imagenet,
-        normalize=official.normalize_for(args.dataset, imagenet),
+        **official.folder_defaults(args.dataset, imagenet),
     )
     cfg.data_path = args.data_path or cfg.data_path
     _settings(cfg, args)

@@ -305,28 +305,25 @@ def apply(model: nn.Module, matched: Matched) -> None:
 def network_defaults(path: str, dataset: str) -> dict[str, Any]:
     """The settings of the network the weights in ``path`` belong to, as defaults of
     ``augment.py --init_from`` for the flags not given: the authors' ImageNet network
-    (``--imagenet_stem``, the published C=48 and 14 layers, and on an image folder other than
-    imagenet 224 inputs and ImageNet's mean and std, which it was trained on) or their CIFAR
-    network (C=36, 20 layers); for a checkpoint of this project, its config's network."""
+    (``--imagenet_stem``, the published C=48 and 14 layers, and :func:`folder_defaults`) or
+    their CIFAR network (C=36, 20 layers); for a checkpoint of this project, its config's."""
     weights = read_weights(path)
     if "config" in weights.meta:
         saved = weights.meta["config"]
         return {k: saved[k] for k in ("init_channels", "layers", "imagenet_stem") if k in saved}
-    net = "imagenet" if weights.imagenet else "cifar"
-    C, layers = PUBLISHED_SIZE[net]
-    defaults: dict[str, Any] = dict(init_channels=C, layers=layers, imagenet_stem=weights.imagenet)
-    if weights.imagenet and dataset in FOLDER_DATASETS and dataset != "imagenet":
-        defaults.update(image_size=224, normalize="imagenet")
-    return defaults
+    C, layers = PUBLISHED_SIZE["imagenet" if weights.imagenet else "cifar"]
+    defaults = dict(init_channels=C, layers=layers, imagenet_stem=weights.imagenet)
+    return {**defaults, **folder_defaults(dataset, weights.imagenet)}
 
 
-def normalize_for(dataset: str, imagenet: bool) -> str:
-    """The ``--normalize`` of a network built for the authors' weights: their ImageNet network
-    was trained on ImageNet's mean and std, which an image folder other than imagenet must use
-    too ("auto" would compute the folder's own); elsewhere the data set's ("auto")."""
+def folder_defaults(dataset: str, imagenet: bool) -> dict[str, Any]:
+    """``--image_size`` and ``--normalize`` for the authors' ImageNet network on an image folder
+    other than imagenet (whose recipe has them already): the 224x224 inputs and ImageNet's mean
+    and std it was trained on, not the folder's defaults (32, and its own mean and std)."""
     if imagenet and dataset in FOLDER_DATASETS and dataset != "imagenet":
-        return "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)
-    return "auto"
+        constants = "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)
+        return dict(image_size=224, normalize=constants)
+    return {}
 
 
 def network_name(genotype: str, imagenet: bool, C: int, layers: int, n_classes: int) -> str:

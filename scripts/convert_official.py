@@ -8,9 +8,10 @@ The file's tensors are mapped by order onto the network of --genotype (official.
 shape is checked and a file that does not fit stops with one line (exit status 2). The output
 holds "model" (this project's state_dict), "config" (an augment config: data set, size,
 auxiliary head, network type) and "genotype", as augment.py writes them, so evaluate.py
---checkpoint and augment.py --init_from read it. The data set defaults to the file's format
-(the authors' ImageNet checkpoint: imagenet; a plain state_dict: cifar10); the class count of
-an image folder is the file's; no data is read.
+--checkpoint and augment.py --init_from read it. The network is the ImageNet one for the
+authors' ImageNet network (or --dataset imagenet, --imagenet_stem), at the published size
+unless --init_channels / --layers say otherwise; the data set defaults to imagenet for it,
+else to cifar10. The class count of an image folder is the file's; no data is read.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--dataset",
         default=None,
         help="the data set the checkpoint's config names: " + " | ".join(DATASETS) + " "
-        "(default: imagenet for the authors' ImageNet checkpoint format, else cifar10)",
+        "(default: imagenet for the authors' ImageNet network, else cifar10)",
     )
     p.add_argument(
         "--init_channels",
@@ -61,7 +62,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--imagenet_stem",
         action="store_true",
         help="the ImageNet network on a data set other than imagenet (implied by --dataset "
-        "imagenet)",
+        "imagenet and by a file holding the authors' ImageNet network)",
     )
     return p
 
@@ -70,10 +71,10 @@ def convert(args: argparse.Namespace) -> str:
     """Write the checkpoint; returns the line that reports it."""
     weights = official.read_weights(args.weights)
     genotype = gt.load(args.genotype)
-    dataset = args.dataset or ("imagenet" if "ImageNet" in weights.kind else "cifar10")
+    dataset = args.dataset or ("imagenet" if weights.imagenet else "cifar10")
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
-    imagenet = dataset == "imagenet" or args.imagenet_stem
+    imagenet = dataset == "imagenet" or args.imagenet_stem or weights.imagenet
     C, layers = official.PUBLISHED_SIZE["imagenet" if imagenet else "cifar"]
     cfg = AugmentConfig(
         name=os.path.splitext(os.path.basename(args.out))[0] or "official",
@@ -83,11 +84,11 @@ def convert(args: argparse.Namespace) -> str:
         layers=args.layers or layers,
         aux_weight=0.4 if weights.has_aux else 0.0,  # the network holds the file's head
         imagenet_stem=imagenet,
-        normalize=official.normalize_for(dataset, imagenet),
+        **official.folder_defaults(dataset, imagenet),
     )
     cfg.check()
     if dataset in FOLDER_DATASETS:  # its classes live in a folder this script does not read
-        input_size, C_in, n_classes = FOLDER_SIZE[dataset], 3, weights.n_classes
+        input_size, C_in, n_classes = cfg.image_size or FOLDER_SIZE[dataset], 3, weights.n_classes
     else:
         info = dataset_info(dataset)
         input_size, C_in, n_classes = info.input_size, info.input_channels, info.n_classes

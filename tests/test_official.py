@@ -268,6 +268,10 @@ def test_evaluate_official_on_an_imagenet_folder(tmp_path, capsys):
     assert evaluate.main(argv) == 0
     out = capsys.readouterr().out
     assert "Loaded 323 tensors" in out and "module. keys" in out and "Test loss" in out
+    # Any image folder: the file holds the ImageNet network, which --dataset folder then is.
+    argv[argv.index("imagenet")] = "folder"
+    assert evaluate.main(argv) == 0
+    assert "Loaded 323 tensors" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -406,9 +410,10 @@ def test_init_from_defaults_to_the_network_of_the_file(tmp_path, monkeypatch, ca
     base = ["--name", "ft", "--dataset", "folder", "--data_path", str(root)]
     base += ["--genotype", "DARTS_V2", "--init_from"]
     cfg = AugmentConfig.from_argv(base + [IMAGENET])
-    assert net_of(cfg) == (48, 14, True, 224, "imagenet")  # the authors' ImageNet network
+    imagenet_norm = "0.485,0.456,0.406/0.229,0.224,0.225"
+    assert net_of(cfg) == (48, 14, True, 224, imagenet_norm)  # the authors' ImageNet network
     cfg = AugmentConfig.from_argv(base + [IMAGENET, *SIZE, "--image_size", "64"])
-    assert net_of(cfg) == (8, 5, True, 64, "imagenet")  # flags given win
+    assert net_of(cfg) == (8, 5, True, 64, imagenet_norm)  # flags given win
     assert net_of(AugmentConfig.from_argv(base + [CIFAR])) == (36, 20, False, 0, "auto")
     ckpt = str(tmp_path / "v2.pth.tar")
     assert (

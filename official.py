@@ -88,11 +88,6 @@ class Weights:
         classifier's bias, in the authors' order and in this project's)."""
         return int(self.tensors[-1][1].numel()) if self.tensors else 0
 
-    @property
-    def n_parameters(self) -> int:
-        """Elements of the file's learned tensors (BN running statistics excluded)."""
-        return sum(t.numel() for name, t in self.tensors if _kind(name) not in BN_BUFFERS)
-
 
 @dataclass
 class Matched:

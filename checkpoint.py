@@ -65,12 +65,19 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return state
 
 
-def check_resume(run_dir: str, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+def check_resume(
+    run_dir: str,
+    config: dict[str, Any],
+    resume: bool,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """Check the run folder against ``--resume`` before anything is written.
 
     Returns the checkpoint to resume from (None for a fresh run). A fresh run never
     overwrites a checkpoint; a resumed run must have the configuration (``config``, the
-    run's settings as a dict) it was started with, but for :data:`RESUMABLE_CHANGES`.
+    run's settings as a dict) it was started with, but for :data:`RESUMABLE_CHANGES`. A
+    setting the run's checkpoint predates is no change when it has its value of ``defaults``
+    (a run started before a flag existed resumes as long as the flag is left alone).
     """
     path = os.path.join(run_dir, CHECKPOINT)
     if not resume:
@@ -86,6 +93,8 @@ def check_resume(run_dir: str, config: dict[str, Any], resume: bool) -> dict[str
     saved = state["config"]
     for key in sorted(set(saved) | set(config)):
         if key in RESUMABLE_CHANGES:
+            continue
+        if key not in saved and defaults is not None and config.get(key) == defaults.get(key):
             continue
         if saved.get(key) != config.get(key):
             raise ConfigError(

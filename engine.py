@@ -160,7 +160,8 @@ class Run:
         ``--resume``. Writes nothing: bad input stops before the folder exists."""
         info, device = distributed.init_distributed(cfg.device, cfg.gpu_ids())
         run_dir = os.path.join(root, cfg.name)
-        resumed = check_resume(run_dir, cfg.to_dict(), cfg.resume)
+        defaults = type(cfg)().to_dict()  # type: ignore[call-arg]
+        resumed = check_resume(run_dir, cfg.to_dict(), cfg.resume, defaults)
         gen = torch.Generator().manual_seed(cfg.seed)  # batch order and loader-worker seeds
         return cls(cfg, stage, run_dir, info, device, resumed, data_gen=gen)
 

@@ -315,3 +315,16 @@ def test_evaluate_agrees_with_augment(tmp_path):
     assert top1 == pytest.approx(logged["history"][logged["best_epoch"] - 1]["test_top1"], abs=5e-5)
     res = run_script("evaluate.py", "--checkpoint", str(tmp_path / "nope.pth.tar"), cwd=tmp_path)
     assert res.returncode == 2 and "no checkpoint at" in res.stderr
+
+
+def test_a_run_from_before_a_new_flag_resumes_while_the_flag_keeps_its_default(tmp_path):
+    from config import AugmentConfig
+
+    cfg = AugmentConfig(name="r", dataset="digits", genotype="DARTS_V2", resume=True)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "val_portion"}  # saved before it
+    checkpoint.save_checkpoint({"model": {}, "config": old}, str(tmp_path / checkpoint.CHECKPOINT))
+    defaults = AugmentConfig().to_dict()
+    assert checkpoint.check_resume(str(tmp_path), cfg.to_dict(), True, defaults) is not None
+    cfg.val_portion = 0.1
+    with pytest.raises(checkpoint.ConfigError, match="was made with --val_portion None"):
+        checkpoint.check_resume(str(tmp_path), cfg.to_dict(), True, defaults)

@@ -194,6 +194,7 @@ def test_a_run_folder_belongs_to_one_process(tmp_path):
     gone, even by kill -9, --resume takes the folder at once (the kernel drops the lock)."""
     holder = start(SEARCH, tmp_path)
     wait_for_first_epoch(holder, tmp_path, "search.py")
+    holder.send_signal(signal.SIGSTOP)  # alive, holding its lock, for as long as the test needs
     for extra in ([], ["--resume"]):
         res = run_script(*SEARCH, *extra, cwd=tmp_path)
         assert res.returncode == 2

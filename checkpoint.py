@@ -11,7 +11,7 @@ import random
 import shlex
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -91,17 +91,32 @@ def check_resume(
         raise ConfigError(f"--resume: there is no checkpoint to resume at {path}")
     state = load_checkpoint(path)
     saved = state["config"]
-    for key in sorted(set(saved) | set(config)):
-        if key in RESUMABLE_CHANGES:
-            continue
-        if key not in saved and defaults is not None and config.get(key) == defaults.get(key):
-            continue
-        if saved.get(key) != config.get(key):
-            raise ConfigError(
-                f"{path} was made with --{key} {saved.get(key)}, this run asks for "
-                f"--{key} {config.get(key)}: resume with the settings of the run"
-            )
+    key = changed_setting(saved, config, RESUMABLE_CHANGES, defaults)
+    if key is not None:
+        raise ConfigError(
+            f"{path} was made with --{key} {saved.get(key)}, this run asks for "
+            f"--{key} {config.get(key)}: resume with the settings of the run"
+        )
     return state
+
+
+def changed_setting(
+    saved: dict[str, Any],
+    wanted: dict[str, Any],
+    may_change: Collection[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> str | None:
+    """The first setting (in name order) that ``wanted`` changes from ``saved``, or None. Those in
+    ``may_change`` may; one that ``saved`` predates is no change while it has its value in
+    ``defaults``."""
+    for key in sorted(set(saved) | set(wanted)):
+        if key in may_change:
+            continue
+        if key not in saved and defaults is not None and wanted.get(key) == defaults.get(key):
+            continue
+        if saved.get(key) != wanted.get(key):
+            return key
+    return None
 
 
 def last_checkpoint(run_dir: str) -> str:
@@ -122,15 +137,13 @@ class RunLock:
     def __init__(self, run_dir: str) -> None:
         self.path = os.path.join(run_dir, LOCK)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        holder = _try_lock(fd)
+        if holder is not None:
             os.close(fd)
             raise ConfigError(
                 f"{run_dir} is in use by process {holder}: another run is writing there; wait "
                 f"for it to end (or stop it), or choose a new --name"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd
@@ -139,6 +152,28 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+def _try_lock(fd: int) -> str | None:
+    """Take the flock on ``fd``; if another process holds it, the process id it wrote."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    return None
+
+
+def lock_holder(run_dir: str) -> str | None:
+    """The process id of the live process that holds ``run_dir``'s lock, or None when the folder
+    is free (or has no lock file). Takes nothing: the probe's lock ends with its descriptor."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        return _try_lock(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

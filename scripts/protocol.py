@@ -25,7 +25,6 @@ checkpoints and starts the missing ones, so an interrupted protocol ends with th
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import queue
@@ -103,19 +102,13 @@ def _status(code: int | str | None) -> str:
 def wait_for_run(folder: str) -> None:
     """Wait while a process holds the run folder's lock: a run that a protocol killed with
     SIGKILL left behind goes on by itself and is read when it ends."""
-    path, said = os.path.join(folder, ".lock"), False
-    while os.path.exists(path):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return  # free; closing the descriptor releases it again
-        except BlockingIOError:
-            if not said:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                print(f"waiting for process {holder}, which still runs {folder}", flush=True)
-                said = True
-        finally:
-            os.close(fd)
+    from checkpoint import lock_holder
+
+    said = False
+    while (holder := lock_holder(folder)) is not None:
+        if not said:
+            print(f"waiting for process {holder}, which still runs {folder}", flush=True)
+            said = True
         time.sleep(1.0)
 
 
@@ -228,6 +221,7 @@ def check(args: argparse.Namespace) -> tuple[bool, list[str]]:
 
 def check_settings(root: str, args: argparse.Namespace) -> dict[str, Any]:
     """The settings to keep in protocol.json; with --resume, the ones kept there."""
+    from checkpoint import changed_setting
     from utils import ConfigError
 
     path = os.path.join(root, "protocol.json")
@@ -244,12 +238,12 @@ def check_settings(root: str, args: argparse.Namespace) -> dict[str, Any]:
     with open(path) as f:
         saved = json.load(f)
     show = lambda v: repr(shlex.join(v)) if isinstance(v, list) else v  # noqa: E731
-    for k in SETTINGS:
-        if saved.get(k) != wanted[k]:
-            raise ConfigError(
-                f"{root} was made with --{k} {show(saved.get(k))}, this run asks "
-                f"for --{k} {show(wanted[k])}: resume with the protocol's settings"
-            )
+    k = changed_setting(saved, wanted)
+    if k is not None:
+        raise ConfigError(
+            f"{root} was made with --{k} {show(saved.get(k))}, this run asks "
+            f"for --{k} {show(wanted.get(k))}: resume with the protocol's settings"
+        )
     return wanted
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from preproc import FOLDER_DATASETS, IMAGENET_NORM
+from preproc import FOLDER_DATASETS, IMAGENET_NORMALIZE
 from utils import UserError
 
 AUX_PREFIXES = ("auxiliary_head.", "aux_head.")  # the authors' attribute, this project's
@@ -316,8 +316,7 @@ def folder_defaults(dataset: str, imagenet: bool) -> dict[str, Any]:
     other than imagenet (whose recipe has them already): the 224x224 inputs and ImageNet's mean
     and std it was trained on, not the folder's defaults (32, and its own mean and std)."""
     if imagenet and dataset in FOLDER_DATASETS and dataset != "imagenet":
-        constants = "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)
-        return dict(image_size=224, normalize=constants)
+        return dict(image_size=224, normalize=IMAGENET_NORMALIZE)
     return {}
 
 

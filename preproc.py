@@ -29,6 +29,7 @@ from utils import UserError
 FOLDER_DATASETS = ("imagenet", "folder")
 DATASETS = ("cifar10", "mnist", "fashionmnist", "digits", *FOLDER_DATASETS)
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_NORMALIZE = "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)  # --normalize
 FOLDER_SIZE = {"imagenet": 224, "folder": 32}  # the default --image_size
 IMAGE_EXTENSIONS = tv_datasets.folder.IMG_EXTENSIONS
 
@@ -471,7 +472,7 @@ def resolve_normalize(
     else:
         folder_classes(os.path.join(root, "train"))
     if normalize == "imagenet" or (normalize == "auto" and name == "imagenet"):
-        return "/".join(",".join(str(v) for v in t) for t in IMAGENET_NORM)
+        return IMAGENET_NORMALIZE
     if normalize != "auto":
         parse_normalize(normalize)
         return normalize

@@ -16,7 +16,9 @@ nothing the user writes is ever evaluated as Python.
 from __future__ import annotations
 
 import ast
+import keyword
 import os
+import re
 from collections import namedtuple
 from collections.abc import Iterable, Sequence
 
@@ -48,6 +50,24 @@ MAX_NODES = 64  # intermediate nodes per cell; also the length of a concat range
 MAX_INPUTS = 64  # (op, input) pairs per node
 MAX_CHARS = 20_000  # a genotype string or file; ~3x the nested form of a 64-node DARTS cell
 MAX_INT = 2**63  # |integer| in a genotype: larger ones are refused before they are printed
+MAX_DEPTH = 8  # brackets: DARTS' nested form needs 4 (Genotype( [ [ ( )
+
+# The tokens a genotype literal is made of. Anything else (operators, f-strings and other
+# prefixed strings, escapes, attribute access, ...) is refused by :func:`_scan` before
+# ``ast.parse`` sees it: with only these tokens and bounded nesting, parsing is linear in the
+# length, so the worst string within MAX_CHARS costs what a long genotype costs.
+_TOKEN = re.compile(
+    "|".join(
+        [
+            r"\s+",
+            r"[A-Za-z_][A-Za-z0-9_]*+(?!['\"])",  # a name not followed by a quote: no prefix
+            r"-?(?:0[xXoObB][0-9a-fA-F_]++|[0-9][0-9_]*+)(?![A-Za-z0-9_'\"])",  # an integer
+            r"'[^'\\\n]*+'",  # a string without escapes
+            r'"[^"\\\n]*+"',
+            r"[()\[\],=]",
+        ]
+    )
+)
 
 
 class GenotypeError(UserError, ValueError):
@@ -258,8 +278,43 @@ def from_str(s: str) -> Genotype:
         raise GenotypeError(f"not a genotype (not valid text): {s[:60]!r}") from None
 
 
+def _scan(s: str) -> None:
+    """Refuse, in one linear pass, any text that is not made of a genotype's literal tokens or
+    nests brackets deeper than MAX_DEPTH, so that ``ast.parse`` only ever sees text it parses in
+    linear time (operator chains, f-strings and deep nesting make it superlinear or recursive)."""
+    try:
+        s.encode()
+    except UnicodeEncodeError:  # a lone surrogate: bytes of the command line that are not UTF-8
+        raise GenotypeError(f"not a genotype (not valid text): {s[:60]!r}") from None
+    pos = depth = 0
+    last = ""  # the last token that is not whitespace
+    while pos < len(s):
+        m = _TOKEN.match(s, pos)
+        if (
+            m is None
+            or (last in (")", "]") and s[pos] in "([")  # no call or index chains
+            or keyword.iskeyword(m.group())  # no `not not ...`, `lambda`, `if` ...
+        ):
+            raise GenotypeError(
+                f"not a genotype (unexpected {s[pos : pos + 10]!r} at column {pos + 1}): {s[:60]!r}"
+            )
+        char = s[pos]
+        if char in "([":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise GenotypeError(
+                    f"not a genotype (brackets nested deeper than {MAX_DEPTH}): {s[:60]!r}"
+                )
+        elif char in ")]":
+            depth -= 1
+        if not char.isspace():
+            last = char
+        pos = m.end()
+
+
 def _from_tree(s: str) -> Genotype:
     """:func:`from_str` proper: parse ``s`` and walk its tree (a few fixed levels deep)."""
+    _scan(s)
     tree = ast.parse(s, mode="eval").body
     if not (
         isinstance(tree, ast.Call)

@@ -36,3 +36,20 @@ def run_script(script, *args, cwd, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers), the tests that share one of this
+    suite's module- or session-scoped fixtures go to the same worker, so that the fixture (a
+    whole protocol, a reference run) is built once, not once per worker (``--dist loadgroup``)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for name in info.names_closure:
+            defs = info.name2fixturedefs.get(name, ())
+            if any(d.scope in ("module", "session") and d.baseid.startswith("tests") for d in defs):
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
+                break

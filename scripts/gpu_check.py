@@ -1,6 +1,6 @@
 """One command that checks this project on a CUDA GPU and writes down what it found.
 
-    python scripts/gpu_check.py                         # on a GPU: every step, about 8 minutes
+    python scripts/gpu_check.py                         # on a GPU: every step (sized for 8 min)
     python scripts/gpu_check.py --device cpu --tiny     # the steps a CPU can run, tiny sizes
     python scripts/gpu_check.py --out DIR --only alpha_gradient,ddp
 

@@ -316,3 +316,26 @@ def test_the_process_group_backend_can_be_gloo_on_cuda(monkeypatch):
         monkeypatch.setenv(distributed.BACKEND_ENV, bad)
         with pytest.raises(ConfigError, match="DARTS_DIST_BACKEND must be gloo"):
             distributed.backend(dev)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_cuda_run_sets_and_logs_its_tf32_flags(allow, tmp_path, monkeypatch):
+    """engine.Run.start on a CUDA device (nothing in it touches the GPU): --allow_tf32 sets the
+    flags, and the log says which are on."""
+    import engine
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    argv = ["--name", "x", "--dataset", "digits", *(["--allow_tf32"] if allow else [])]
+    cfg = SearchConfig.from_argv(argv)
+    distributed.set_tf32(not allow)  # the opposite, so that start() must set them
+    device = torch.device("cuda", 0)
+    run = engine.Run(cfg, "search", str(tmp_path / "x"), distributed.DistInfo(), device, None)
+    try:
+        with run:
+            run.start("Search")
+            assert distributed.tf32_flags() == {"cudnn_conv": allow, "cuda_matmul": allow}
+        state = "on" if allow else "off"
+        log = (tmp_path / "x" / "search.log").read_text()
+        assert f"TF32: {state} for cuDNN convolutions, {state} for CUDA matmuls" in log
+    finally:
+        distributed.set_tf32(False)

@@ -202,7 +202,9 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def _cuda_rng_state() -> torch.Tensor | None:
-    if not torch.cuda.is_available():
+    """The CUDA RNG state of this process's (current) GPU; None when this process has not used
+    CUDA (a CPU run on a GPU machine: asking would start a CUDA context for nothing)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return torch.cuda.get_rng_state(torch.cuda.current_device())
 

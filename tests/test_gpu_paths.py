@@ -28,12 +28,15 @@ class FakeCuda:
     current device, and one RNG state per device (a real set_rng_state on a device that is not
     visible raises IndexError, as torch.cuda's does)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int, current: int = 0) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, n: int, current: int = 0, used: bool = True
+    ) -> None:
         self.n, self.current = n, current
         self.states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(n)}
         self.set_devices: list[torch.device] = []
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "is_initialized", lambda: used)  # this process used CUDA
         monkeypatch.setattr(cuda, "device_count", lambda: self.n)
         monkeypatch.setattr(cuda, "current_device", lambda: self.current)
         monkeypatch.setattr(cuda, "set_device", self.set_device)
@@ -147,6 +150,13 @@ def test_the_checkpoint_keeps_this_process_gpu_state_only(tmp_path, monkeypatch)
     reader = FakeCuda(monkeypatch, n=1)
     checkpoint.set_rng_state(rng, torch.Generator())
     assert torch.equal(reader.states[0], writer.states[2])
+
+
+def test_a_cpu_run_on_a_gpu_machine_saves_no_cuda_state(monkeypatch):
+    """Asking for a CUDA RNG state would start a CUDA context the run does not use."""
+    FakeCuda(monkeypatch, n=2, used=False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: pytest.fail("CUDA touched"))
+    assert checkpoint.rng_state(torch.Generator())["cuda"] is None
 
 
 def test_a_checkpoint_written_without_cuda_resumes_on_a_gpu(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 # DARTS on an official PyTorch CUDA runtime image.
 #   docker build -t darts .
-#   docker run --gpus all -it -v "$PWD/data:/workspace/darts/data" \
-#       -v "$PWD/searchs:/workspace/darts/searchs" darts \
+#   docker run --gpus all -it --ipc=host -v "$PWD/data:/workspace/darts/data" \
+#       -v "$PWD/searchs:/workspace/darts/searchs" -v "$PWD/augments:/workspace/darts/augments" \
+#       darts \
 #       python search.py --name cifar10 --dataset cifar10
 # Smoke run (`make docker-smoke`): one epoch of search on scikit-learn's digits, offline.
 # The base image's PyTorch is the Makefile's COMPAT_TORCH and the floor in requirements.txt:

@@ -70,7 +70,7 @@ clean-compat:
 # epoch of search on scikit-learn's digits (offline: nothing is downloaded at run time).
 docker-smoke:
 	docker build -t darts .
-	docker run --gpus all --rm --network none darts \
+	docker run --gpus all --ipc=host --rm --network none darts \
 		python search.py --name smoke --dataset digits --epochs 1 --layers 5 --init_channels 8
 
 coverage: setup

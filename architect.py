@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from config import HESSIAN_MODES
-from distributed import all_reduce_mean
+from distributed import all_reduce_mean, tf32_disabled
 from models.search_cnn import SearchCNNController
 
 FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
@@ -104,8 +104,9 @@ class Architect:
             names, weights, alphas, trn_X, trn_y, val_X, val_y, xi, w_optim
         )
 
-        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights.
-        with torch.autocast(trn_X.device.type, enabled=False):
+        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights,
+        # in float32 proper: no autocast, no TF32 (see distributed.tf32_disabled).
+        with torch.autocast(trn_X.device.type, enabled=False), tf32_disabled():
             if self.hessian == "exact":
                 hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
             else:

@@ -26,6 +26,7 @@ LOCK = ".lock"
 RESUMABLE_CHANGES = {
     "resume",
     "memory_format",
+    "allow_tf32",
     "workers",
     "print_freq",
     "device",
@@ -193,9 +194,31 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
             "cached_gaussian": cached,
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's own GPU only (each DDP process restores it on its own GPU): a run may
+        # resume with fewer GPUs visible (--gpus, CUDA_VISIBLE_DEVICES) than it started with.
+        "cuda": _cuda_rng_state(),
         "data": generator.get_state(),
     }
+
+
+def _cuda_rng_state() -> torch.Tensor | None:
+    """The CUDA RNG state of this process's (current) GPU; None when this process has not used
+    CUDA (a CPU run on a GPU machine: asking would start a CUDA context for nothing)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.get_rng_state(torch.cuda.current_device())
+
+
+def _set_cuda_rng_state(saved: Any) -> None:
+    """Restore the state of this process's GPU. ``saved`` is one state (tensor), None / [] (no
+    CUDA when saved), or the list of every visible GPU's state that older checkpoints hold:
+    then the one of this process's device index if the list has it, else the first."""
+    if not torch.cuda.is_available() or saved is None or len(saved) == 0:
+        return
+    device = torch.cuda.current_device()
+    if isinstance(saved, (list, tuple)):
+        saved = saved[device] if device < len(saved) else saved[0]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
@@ -212,8 +235,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_cuda_rng_state(state.get("cuda"))
     generator.set_state(state["data"])
 
 

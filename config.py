@@ -40,7 +40,16 @@ class BaseConfig:
     dataset: str = _arg("", "data set: " + " | ".join(DATASETS), required=True)
     data_path: str = _arg("./data/", "where the data set lives (or is downloaded to)")
     device: str = _arg("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)")
-    gpus: str = _arg("0", "GPU ids to use: comma list or 'all' (the first is used)")
+    gpus: str = _arg(
+        "0",
+        "GPU ids to use: comma list or 'all'; several start one process each (DDP), one is the "
+        "GPU of the run; under torchrun, local rank r takes the r-th (left at 0: GPU r)",
+    )
+    allow_tf32: bool = _arg(
+        False,
+        "let CUDA use TF32 for float32 convolutions and matmuls (faster on Ampere and later, "
+        "about 5e-4 relative rounding; the Architect's Hessian-vector product never uses it)",
+    )
     seed: int = _arg(2, "random seed")
     workers: int = _arg(4, "data-loader worker processes")
     resume: bool = _arg(False, "continue the run from <folder>/<name>/checkpoint.pth.tar")

@@ -4,13 +4,14 @@ stages need. Every function is a no-op, or the identity, in a single process."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import sys
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -79,26 +80,49 @@ def launched_by_self() -> bool:
     return os.environ.get(SELF_LAUNCHED) == "1"
 
 
+DEFAULT_GPUS = [0]  # --gpus left at its default: under torchrun, local rank r takes GPU r
+
+
 def init_distributed(device: str, gpu_ids: list[int] | None) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU) and pick this
-    process's device: GPU ``gpu_ids[local_rank]``. Without torchrun: one process."""
+    process's device: GPU ``gpu_ids[local_rank]``, or visible GPU ``local_rank`` when ``--gpus``
+    is left at its default (``torchrun --nproc_per_node=4 search.py ...``) or is ``all``.
+    Without torchrun: one process. A CUDA device becomes the current one (``set_device``), so
+    that what follows (the RNG state in the checkpoint, NCCL) is this process's own device."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistInfo(), resolve_device(device, gpu_ids)
+        dev = resolve_device(device, gpu_ids)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistInfo(), dev
     info = DistInfo(
         int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     )
-    dev = resolve_device(device, gpu_ids)
+    torchrun_default = gpu_ids is None or gpu_ids == DEFAULT_GPUS
+    dev = resolve_device(device, None if torchrun_default else gpu_ids)
     if dev.type == "cuda":
-        ids = gpu_ids or list(range(torch.cuda.device_count()))
+        n_gpu = torch.cuda.device_count()
+        ids = list(range(n_gpu)) if torchrun_default else cast(list[int], gpu_ids)
         if info.local_rank >= len(ids):
-            raise ConfigError(
-                f"{info.local_rank + 1} processes on this node but --gpus lists {len(ids)} GPUs"
-            )
+            n_proc = os.environ.get("LOCAL_WORLD_SIZE", str(info.local_rank + 1))
+            what = f"{n_gpu} GPUs are visible" if torchrun_default else f"--gpus lists {len(ids)}"
+            raise ConfigError(f"{n_proc} processes on this node but {what}: one GPU per process")
         dev = torch.device("cuda", ids[info.local_rank])
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend(dev))
     return info, dev
+
+
+BACKEND_ENV = "DARTS_DIST_BACKEND"  # gloo on CUDA: several processes on one GPU (a check)
+
+
+def backend(dev: torch.device) -> str:
+    """NCCL on CUDA, gloo on the CPU; ``DARTS_DIST_BACKEND=gloo`` takes gloo on CUDA too, which
+    (unlike NCCL) lets two processes share one GPU, as ``scripts/gpu_check.py`` does."""
+    chosen = os.environ.get(BACKEND_ENV, "")
+    if chosen not in ("", "nccl", "gloo") or (chosen == "nccl" and dev.type != "cuda"):
+        raise ConfigError(f"{BACKEND_ENV} must be gloo, or nccl on CUDA, got {chosen!r}")
+    return chosen or ("nccl" if dev.type == "cuda" else "gloo")
 
 
 def cleanup_distributed() -> None:
@@ -136,12 +160,101 @@ def self_launch(script: str, argv: list[str], device: str, gpu_ids: list[int] | 
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ[SELF_LAUNCHED] = "1"  # the processes inherit it
+    # The processes inherit the environment. As torchrun does: one OpenMP thread per process
+    # unless OMP_NUM_THREADS is set (n processes of all-cores threads each would spin-wait).
+    child_env = {SELF_LAUNCHED: "1"}
+    if "OMP_NUM_THREADS" not in os.environ:
+        child_env["OMP_NUM_THREADS"] = "1"
+    os.environ.update(child_env)
     try:
         elastic_launch(config, sys.executable)(os.path.abspath(script), *argv)
     finally:
-        del os.environ[SELF_LAUNCHED]
+        for key in child_env:
+            del os.environ[key]
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# TF32
+# --------------------------------------------------------------------------------------------
+# PyTorch 2.9 added per-backend precision settings ("ieee", "tf32", or "none": the parent's),
+# and reading the old allow_tf32 flags raises once both kinds were set; the floor (2.5) has the
+# old flags only. So each function uses the new settings where they exist, the old ones where not.
+def _new_tf32_api() -> bool:
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(
+        getattr(torch.backends.cudnn, "conv", None), "fp32_precision"
+    )
+
+
+def _effective(*levels: str) -> str:
+    """The precision that applies: the first level (op, backend, all) that is not "none"."""
+    return next((v for v in levels if v != "none"), "ieee")
+
+
+def tf32_flags() -> dict[str, bool]:
+    """Whether TF32 may be used for float32 cuDNN convolutions and CUDA matmuls."""
+    b: Any = torch.backends  # the new settings are untyped
+    if _new_tf32_api():
+        generic = getattr(b, "fp32_precision", "none")
+        conv = _effective(b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, generic)
+        matmul = _effective(b.cuda.matmul.fp32_precision, generic)
+        return {"cudnn_conv": conv == "tf32", "cuda_matmul": matmul == "tf32"}
+    return {"cudnn_conv": bool(b.cudnn.allow_tf32), "cuda_matmul": bool(b.cuda.matmul.allow_tf32)}
+
+
+def tf32_summary() -> str:
+    """One log line: which TF32 flags are on."""
+    f = tf32_flags()
+    on = lambda b: "on" if b else "off"  # noqa: E731
+    return (
+        f"TF32: {on(f['cudnn_conv'])} for cuDNN convolutions, {on(f['cuda_matmul'])} for CUDA "
+        f"matmuls (--allow_tf32; the Architect's Hessian-vector product never uses it)"
+    )
+
+
+def _set_tf32_raw(conv: Any, matmul: Any) -> None:
+    """Set the two settings: precision strings (new API) or booleans / the matmul precision
+    name of ``torch.set_float32_matmul_precision`` (old API)."""
+    b: Any = torch.backends
+    if _new_tf32_api():
+        b.cudnn.conv.fp32_precision = conv
+        b.cuda.matmul.fp32_precision = matmul
+    else:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)  # "high" is TF32, "highest" is not
+
+
+def _get_tf32_raw() -> tuple[Any, Any]:
+    if _new_tf32_api():
+        b: Any = torch.backends
+        return b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+
+
+def set_tf32(allow: bool) -> None:
+    """``--allow_tf32``: TF32 for the float32 convolutions and matmuls, or not. The authors'
+    GPUs had none; on Ampere and later cuDNN uses it by default (about 5e-4 relative rounding
+    instead of float32's 6e-8)."""
+    if _new_tf32_api():
+        _set_tf32_raw("tf32" if allow else "ieee", "tf32" if allow else "ieee")
+    else:
+        _set_tf32_raw(allow, "high" if allow else "highest")
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block; the caller's settings
+    are restored after it, also when it raises.
+
+    For differences of nearly equal float32 results: the Architect's finite-difference Hessian
+    shifts the weights by about 1e-5 of their size and subtracts two gradients, so TF32's
+    rounding (about 5e-4 relative) would be most of the difference."""
+    saved = _get_tf32_raw()
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        _set_tf32_raw(*saved)
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class StageConfig(Protocol):
     no_progress: bool
     resume: bool
     memory_format: str
+    allow_tf32: bool
 
     def gpu_ids(self) -> list[int] | None: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -200,8 +201,10 @@ class Run:
         # The same seed in every process: the same initial weights (and alphas), and RNG streams
         # that the checkpoint of the first process restores for all of them.
         set_seed(self.cfg.seed)
+        distributed.set_tf32(self.cfg.allow_tf32)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            self.logger.info(distributed.tf32_summary())
 
     def place(self, model: M) -> M:
         """``model`` on the run's device, in the memory format of ``--memory_format``."""

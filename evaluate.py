@@ -27,7 +27,7 @@ import official
 from augment import amp_dtype, build_model
 from checkpoint import load_checkpoint
 from config import AugmentConfig, ConfigError
-from distributed import resolve_device
+from distributed import resolve_device, set_tf32
 from engine import data_loader, evaluate
 from models.augment_cnn import AugmentCNN
 from preproc import dataset_info, get_dataset
@@ -161,6 +161,7 @@ def _settings(cfg: AugmentConfig, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict[str, float]:
     cfg, model = from_official(args) if args.official else from_checkpoint(args)
     device = resolve_device(cfg.device, cfg.gpu_ids())
+    set_tf32(cfg.allow_tf32)  # the run's precision (its checkpoint's --allow_tf32)
     # An image folder's test split is val/, normalised as in training (the run's config holds
     # the mean and std it computed).
     test_data = get_dataset(

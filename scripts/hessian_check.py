@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
 from architect import Architect  # noqa: E402
 from config import SearchConfig  # noqa: E402
+from distributed import tf32_disabled  # noqa: E402
 from models.search_cnn import SearchCNNController  # noqa: E402
 
 CFG = SearchConfig()  # the search defaults (the paper's): learning rates, momentum, decay
@@ -71,6 +72,13 @@ def batches(args: argparse.Namespace) -> tuple[int, int, list[tuple[torch.Tensor
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    # Every product of the check in float32 proper on a GPU, as the Architect takes its Hessian
+    # term: TF32's rounding would be compared, not the two products.
+    with tf32_disabled():
+        return check(args)
+
+
+def check(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     c_in, n_classes, data = batches(args)
     model = SearchCNNController(c_in, args.channels, n_classes, args.layers, nn.CrossEntropyLoss())

@@ -96,3 +96,23 @@ def test_docker_smoke_target_is_the_readme_smoke_run():
     readme = " ".join(read("README.md").replace("\\\n", " ").split())
     assert re.search(r"docker run --gpus all [^`]*darts " + re.escape(smoke), readme)
     assert "make docker-smoke" in readme
+
+
+def docker_runs(text):
+    """Every `docker run ...` command in ``text`` (README, Makefile, Dockerfile), continuation
+    lines joined and comment marks dropped."""
+    joined = re.sub(r"\\\n[\s#]*", " ", text)
+    return [m.group(0) for m in re.finditer(r"docker run [^\n`]*", joined)]
+
+
+def test_every_docker_run_shares_the_host_ipc_and_keeps_both_run_folders():
+    """Docker's default /dev/shm is 64 MB, and the loader workers pass batches through it (one
+    ImageNet batch of 128 is 77 MB); a run's results must outlive the container."""
+    runs = {name: docker_runs(read(name)) for name in ("README.md", "Makefile", "Dockerfile")}
+    assert all(runs.values()), runs
+    for name, commands in runs.items():
+        for cmd in commands:
+            assert "--ipc=host" in cmd or "--shm-size" in cmd, f"{name}: {cmd}"
+            if " -v " in cmd:  # a run whose results are kept: both stages' folders
+                for folder in ("searchs", "augments"):
+                    assert f'-v "$PWD/{folder}:/workspace/darts/{folder}"' in cmd, (name, cmd)

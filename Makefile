@@ -40,11 +40,16 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two pytest-xdist workers, one OpenMP thread each: the two cores stay busy without the
+# workers' OpenMP threads spinning against each other. Tests sharing a module-scoped fixture
+# run in one worker (tests/conftest.py). The 15 slowest tests are listed at the end.
+PYTEST_PAR := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
+
 test: setup lint
-	$(BIN)/python -m pytest
+	$(PYTEST_PAR) --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST_PAR) -m "not slow"
 
 # The fast tests on the Docker image's PyTorch, in a second venv. Not part of `make test`: the
 # install is large (PyPI's Linux torch wheel is a CUDA build, ~2.5 GB with its nvidia-* wheels;

@@ -2,6 +2,7 @@
 and evaluate.py agreeing with augment.py."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,14 +117,20 @@ def assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Each script run once from start to end, as the reference."""
+    """Each script run once from start to end, as the reference: the final states by script,
+    and the folder the runs are in (``"cwd"``), which the tests only read or copy."""
     cwd = tmp_path_factory.mktemp("reference")
-    states = {}
+    states = {"cwd": cwd}
     for cmd in (SEARCH, AUGMENT):
         res = run_script(*cmd, cwd=cwd)
         assert res.returncode == 0, res.stderr
         states[cmd[0]] = final_state(cwd, cmd[0])
     return states
+
+
+def copy_of_reference_augment(uninterrupted, cwd):
+    """The reference augment run's folder, copied to ``cwd``: a finished run of AUGMENT."""
+    shutil.copytree(run_dir(uninterrupted["cwd"], "augment.py"), run_dir(cwd, "augment.py"))
 
 
 @pytest.mark.slow
@@ -281,12 +288,11 @@ def test_damaged_or_foreign_checkpoint_gives_one_line(damage, message, tmp_path)
 
 @pytest.mark.slow
 def test_resume_with_another_configuration_is_refused(uninterrupted, tmp_path):
-    res = run_script(*AUGMENT, "--epochs", "1", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    res = run_script(*AUGMENT, "--epochs", "1", "--layers", "6", "--resume", cwd=tmp_path)
+    copy_of_reference_augment(uninterrupted, tmp_path)
+    res = run_script(*AUGMENT, "--layers", "6", "--resume", cwd=tmp_path)
     assert res.returncode == 2
     assert "was made with --layers 3, this run asks for --layers 6" in res.stderr
-    res = run_script(*AUGMENT, "--epochs", "1", "--resume", "--workers", "1", cwd=tmp_path)
+    res = run_script(*AUGMENT, "--resume", "--workers", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr  # workers do not change what is computed
 
 
@@ -304,10 +310,8 @@ def test_non_finite_loss_stops_with_epoch_step_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_agrees_with_augment(tmp_path):
-    res = run_script(*AUGMENT, "--epochs", "2", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    best = run_dir(tmp_path, "augment.py") / "best.pth.tar"
+def test_evaluate_agrees_with_augment(uninterrupted, tmp_path):
+    best = run_dir(uninterrupted["cwd"], "augment.py") / "best.pth.tar"
     logged = torch.load(best, weights_only=True)
     res = run_script("evaluate.py", "--checkpoint", str(best), "--workers", "0", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -28,9 +28,9 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
         "--epochs",
         "2",
         "--batch_size",
-        "64",
+        "128",
         "--print_freq",
-        "5",
+        "2",
         "--select_portion",
         "0.1",  # the held-out split that ranks the epochs (the default 0 is the paper's)
         *TINY,

@@ -123,7 +123,8 @@ class BaseConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
-        if not self.name or os.sep in self.name or self.name in (".", ".."):
+        # A name of only spaces would make a folder that no one can see or type.
+        if not self.name.strip() or os.sep in self.name or self.name in (".", ".."):
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(

@@ -1,0 +1,35 @@
+"""Bad and unusual inputs, as a careful user or an attacker would give them to the scripts:
+each gets one clear line (exit status 2, nothing written) or, for a bad file in a good image
+folder, one warning naming it while the run goes on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import augment
+import search
+
+DIGITS = ["--dataset", "digits", "--epochs", "1", "--workers", "0"]
+TINY = ["--layers", "3", "--init_channels", "4"]
+AUG = [*DIGITS, *TINY, "--genotype", "DARTS_V2"]
+
+
+def refused(main, argv, tmp_path, capsys, message):
+    """``main(argv)`` run in ``tmp_path`` exits 2 with one line holding ``message`` and writes
+    nothing there. Returns the line."""
+    before = set(os.listdir(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and message in err, err
+    assert set(os.listdir(tmp_path)) == before  # no run folder, no log, no lock
+    return err
+
+
+@pytest.mark.parametrize("name", [" ", "   ", "", "\t"])
+@pytest.mark.parametrize("main", [search.main, augment.main], ids=["search", "augment"])
+def test_a_name_of_only_spaces_is_refused(name, main, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", name, *AUG] if main is augment.main else ["--name", name, *DIGITS, *TINY]
+    refused(main, argv, tmp_path, capsys, "--name must be a plain folder name")

@@ -321,6 +321,12 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.aux_weight < 0:
             raise ConfigError(f"--aux_weight must be >= 0, got {self.aux_weight}")
+        if self.batch_size == 1 and self.aux_weight > 0:
+            # The auxiliary head's BN sees one value per channel (1x1 maps) of a single image.
+            raise ConfigError(
+                "--batch_size 1 cannot train the auxiliary head (its BatchNorm needs two "
+                "images): use --batch_size 2 or more, or --aux_weight 0"
+            )
         if self.cutout_length < 0:
             raise ConfigError(f"--cutout_length must be >= 0, got {self.cutout_length}")
         if not 0.0 <= self.drop_path_prob < 1.0:

@@ -33,3 +33,9 @@ def test_a_name_of_only_spaces_is_refused(name, main, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     argv = ["--name", name, *AUG] if main is augment.main else ["--name", name, *DIGITS, *TINY]
     refused(main, argv, tmp_path, capsys, "--name must be a plain folder name")
+
+
+def test_batch_size_1_with_the_auxiliary_head_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "b", *AUG, "--batch_size", "1"]
+    refused(augment.main, argv, tmp_path, capsys, "--batch_size 1 cannot train the auxiliary")

@@ -253,6 +253,7 @@ def run(
     (:func:`init_weights`)."""
     input_size = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
+        dtype = amp_dtype(cfg.amp, run.device)  # refused on this device before anything is written
         train_loader, val_loader, test_loader, _ = make_loaders(
             cfg, run.pin_memory, run.dist, run.data_gen
         )
@@ -273,7 +274,6 @@ def run(
         scheduler = make_scheduler(optimizer, cfg)
         train_model = wrap_ddp(model, run.dist, run.device)  # averages the gradients
         aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
-        dtype = amp_dtype(cfg.amp, run.device)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
         tracked = dict(model=model, optimizer=optimizer, scheduler=scheduler)

@@ -39,3 +39,11 @@ def test_batch_size_1_with_the_auxiliary_head_is_refused(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     argv = ["--name", "b", *AUG, "--batch_size", "1"]
     refused(augment.main, argv, tmp_path, capsys, "--batch_size 1 cannot train the auxiliary")
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_run_folder_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "a", *AUG, "--amp", "fp16", "--device", "cpu"]
+    refused(augment.main, argv, tmp_path, capsys, "--amp fp16 needs a CUDA device")

@@ -377,6 +377,10 @@ def folder_classes(split_dir: str) -> list[str]:
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not classes:
         raise DataError(f"{split_dir} holds no class folders: expected {split_dir}/{_LAYOUT}")
+    if len(classes) < 2:  # one class: the loss is 0 and every prediction right, nothing learns
+        raise DataError(
+            f"{split_dir} holds one class folder ({classes[0]}): a classifier needs at least two"
+        )
     for c in classes:
         folder = os.path.join(split_dir, c)
         if not any(

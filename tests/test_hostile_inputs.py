@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from datasets_fakes import write_image_folder
 
 import augment
 import search
@@ -14,6 +15,12 @@ import search
 DIGITS = ["--dataset", "digits", "--epochs", "1", "--workers", "0"]
 TINY = ["--layers", "3", "--init_channels", "4"]
 AUG = [*DIGITS, *TINY, "--genotype", "DARTS_V2"]
+
+
+def folder_args(root, *extra):
+    """A tiny run on the image folder at ``root``: 8x8 images, batches of 4, no workers."""
+    args = ["--dataset", "folder", "--data_path", str(root), "--image_size", "8"]
+    return [*args, "--epochs", "1", "--batch_size", "4", "--workers", "0", *TINY, *extra]
 
 
 def refused(main, argv, tmp_path, capsys, message):
@@ -41,9 +48,16 @@ def test_batch_size_1_with_the_auxiliary_head_is_refused(tmp_path, monkeypatch, 
     refused(augment.main, argv, tmp_path, capsys, "--batch_size 1 cannot train the auxiliary")
 
 
-def test_fp16_on_a_cpu_is_refused_before_the_run_folder_is_written(
-    tmp_path, monkeypatch, capsys
-):
+def test_fp16_on_a_cpu_is_refused_before_the_run_folder_is_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--name", "a", *AUG, "--amp", "fp16", "--device", "cpu"]
     refused(augment.main, argv, tmp_path, capsys, "--amp fp16 needs a CUDA device")
+
+
+@pytest.mark.parametrize("main", [search.main, augment.main], ids=["search", "augment"])
+def test_one_class_is_refused_before_anything_is_written(main, tmp_path, monkeypatch, capsys):
+    write_image_folder(str(tmp_path / "one"), n_classes=1, per_class=2)
+    monkeypatch.chdir(tmp_path)
+    extra = ["--genotype", "DARTS_V2"] if main is augment.main else []
+    argv = ["--name", "c", *folder_args(tmp_path / "one", *extra)]
+    refused(main, argv, tmp_path, capsys, "holds one class folder (class_0)")

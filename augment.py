@@ -241,7 +241,9 @@ def init_weights(cfg: AugmentConfig, genotype: gt.Genotype) -> official.Matched 
     name = official.network_name(
         cfg.genotype, cfg.imagenet_stem, cfg.init_channels, cfg.layers, model.linear.out_features
     )
-    return official.init_state(model, cfg.init_from, name)
+    matched = official.init_state(model, cfg.init_from, name)
+    official.warn_if_not_finite(cfg.init_from, matched.weights.tensors)
+    return matched
 
 
 def run(

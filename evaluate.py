@@ -112,6 +112,7 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN
         raise ConfigError(
             f"the weights in {args.checkpoint} do not fit the network its config describes"
         ) from None
+    official.warn_if_not_finite(args.checkpoint, state["model"].items())
     return cfg, model
 
 
@@ -126,6 +127,7 @@ def from_official(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN]:
                 f"--dataset cifar10 or imagenet)"
             )
     weights = official.read_weights(args.official)
+    official.warn_if_not_finite(args.official, weights.tensors)
     genotype = gt.load(args.genotype)
     # The ImageNet network for imagenet, for --imagenet_stem, and for the authors' ImageNet file.
     imagenet = args.dataset == "imagenet" or args.imagenet_stem or weights.imagenet

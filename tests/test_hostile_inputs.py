@@ -61,3 +61,105 @@ def test_one_class_is_refused_before_anything_is_written(main, tmp_path, monkeyp
     extra = ["--genotype", "DARTS_V2"] if main is augment.main else []
     argv = ["--name", "c", *folder_args(tmp_path / "one", *extra)]
     refused(main, argv, tmp_path, capsys, "holds one class folder (class_0)")
+
+
+# --------------------------------------------------------------------------------------------
+# Weights files: pickled code, a raw pickle, weights that are not finite
+# --------------------------------------------------------------------------------------------
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _tiny_checkpoint(path, nan=False):
+    """An augment checkpoint of this project for the tiny digits network."""
+    import torch
+
+    import genotypes as gt
+    from config import AugmentConfig
+    from models.augment_cnn import AugmentCNN
+
+    model = AugmentCNN(8, 1, 4, 10, 3, False, gt.DARTS_V2)
+    sd = model.state_dict()
+    if nan:
+        sd["linear.weight"][0, 0] = float("nan")
+    cfg = AugmentConfig(name="n", dataset="digits", genotype="DARTS_V2", init_channels=4)
+    cfg.layers, cfg.aux_weight, cfg.workers = 3, 0.0, 0
+    state = {"model": sd, "config": cfg.to_dict(), "genotype": gt.to_str(gt.DARTS_V2)}
+    torch.save(state, path)
+
+
+def _write_code(kind, path):
+    import pickle
+
+    import torch
+
+    if kind == "torch.save":
+        torch.save({"model": _Code(), "config": {}}, path)
+    else:  # a plain pickle.dump, protocol 4 (not torch.save's format)
+        with open(path, "wb") as f:
+            pickle.dump({"model": _Code(), "config": {}}, f, protocol=4)
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "raw pickle"])
+@pytest.mark.parametrize("script", ["evaluate --checkpoint", "evaluate --official", "init_from"])
+def test_pickled_code_is_refused_in_one_line_without_advice(
+    kind, script, tmp_path, monkeypatch, capsys
+):
+    import warnings
+
+    import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    _write_code(kind, "evil.pt")
+    argv = {
+        "evaluate --checkpoint": ["--checkpoint", "evil.pt"],
+        "evaluate --official": ["--official", "evil.pt", "--genotype", "DARTS_V2"],
+        "init_from": ["--name", "e", *AUG, "--init_from", "evil.pt"],
+    }[script]
+    main = augment.main if script == "init_from" else evaluate.main
+    if script == "evaluate --official":
+        argv += ["--dataset", "digits"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = refused(main, argv, tmp_path, capsys, "evil.pt")
+    assert not caught, [str(w.message) for w in caught]  # torch's protocol warning: not shown
+    assert "weights_only" not in line and "()" not in line and "damaged" not in line
+    if kind == "torch.save":
+        assert "evil.pt holds pickled code (posix.system): refused" in line
+    else:
+        assert "evil.pt is a pickle that the tensor-only reader cannot follow" in line
+    assert "refused" in line and not os.path.exists("PWNED")
+
+
+@pytest.mark.parametrize("how", ["--checkpoint", "--official"])
+def test_evaluating_weights_that_are_not_finite_warns_once(how, tmp_path, monkeypatch, capsys):
+    import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_checkpoint("nan.pt", nan=True)
+    argv = ["--checkpoint", "nan.pt"]
+    if how == "--official":
+        import torch
+
+        torch.save(torch.load("nan.pt", weights_only=True)["model"], "nan_sd.pt")
+        argv = ["--official", "nan_sd.pt", "--genotype", "DARTS_V2", "--dataset", "digits"]
+        argv += ["--init_channels", "4", "--layers", "3"]
+    assert evaluate.main([*argv, "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "loss nan" in captured.out
+    warning = [ln for ln in captured.err.splitlines() if "WARNING" in ln]
+    assert len(warning) == 1 and "are not finite" in warning[0] and "linear.weight" in warning[0]
+    _tiny_checkpoint("ok.pt")
+    assert evaluate.main(["--checkpoint", "ok.pt", "--workers", "0"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_init_from_weights_that_are_not_finite_warns(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _tiny_checkpoint("nan.pt", nan=True)
+    argv = ["--name", "n", *AUG, "--init_from", "nan.pt", "--aux_weight", "0"]
+    augment.main(argv)  # the NaN loss then stops it at its first step, as it should
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if "WARNING" in ln]
+    assert len(warning) == 1 and "nan.pt are not finite" in warning[0], err

@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -403,6 +404,41 @@ def _check_same_classes(root: str) -> None:
         )
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Any) -> Any:
+    """A PIL image as 8-bit RGB. PIL's own conversion clips wide modes to 0..255 (a 16-bit
+    image turns white, a float one black), so they are scaled first, to a grayscale "L":
+    16-bit (``I;16*``) values divided by 257 (65535 -> 255); 32-bit integers (``I``) the same
+    when they lie in 0..65535, else their min..max stretched to 0..255; floats (``F``) times
+    255 when they lie in [0, 1], else their min..max stretched (NaN counts as 0). Every other
+    mode (1, L, P, RGBA, CMYK, ...) goes through PIL's conversion."""
+    from PIL import Image
+
+    if img.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return img.convert("RGB")
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:  # its own range
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def read_rgb(path: str) -> Any:
+    """Decode the image file at ``path`` (all of it: truncation shows here) as 8-bit RGB."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
 class ImageFolderDataset(tv_datasets.ImageFolder):
     """torchvision's ImageFolder (images read as RGB: grayscale and CMYK files too) that never
     stops a run on a bad file.
@@ -416,7 +452,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
         self.rejected: list[str] = []
         self.unreadable = multiprocessing.Value("i", 0)
         self._warned: set[str] = set()
-        super().__init__(root, transform=transform, is_valid_file=self._is_image)
+        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=self._is_image)
 
     def _is_image(self, path: str) -> bool:
         if path.lower().endswith(IMAGE_EXTENSIONS):

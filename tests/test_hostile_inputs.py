@@ -163,3 +163,55 @@ def test_init_from_weights_that_are_not_finite_warns(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     warning = [ln for ln in err.splitlines() if "WARNING" in ln]
     assert len(warning) == 1 and "nan.pt are not finite" in warning[0], err
+
+
+# --------------------------------------------------------------------------------------------
+# Image modes beyond 8 bits
+# --------------------------------------------------------------------------------------------
+GRADIENT = [0, 8550, 17100, 25650, 34200, 42750, 51300, 59850]  # one 8-pixel row, 0..59,850
+
+# mode: (file suffix, pixel values, the 8-bit values they become)
+STRETCHED = [0, 36, 73, 109, 146, 182, 219, 255]  # a linear ramp's min..max over 0..255
+# (F in [0, 1]: 234.7 is 59,850 / 255)
+WIDE_MODES = {
+    "I;16": (".png", GRADIENT, [round(v / 257) for v in GRADIENT]),
+    "I": (".tif", GRADIENT, [round(v / 257) for v in GRADIENT]),
+    "I beyond 16 bits": (".tif", [v * 100 - 10**6 for v in GRADIENT], STRETCHED),
+    "F in [0, 1]": (".tif", [v / 59850 for v in GRADIENT], [round(v / 234.7) for v in GRADIENT]),
+    "F": (".tif", [v / 10 - 100 for v in GRADIENT], STRETCHED),
+}  # fmt: skip
+
+
+def write_mode_folder(root, mode):
+    """Two classes of two 8x8 images each (train and val), every row the mode's gradient."""
+    import numpy as np
+    from PIL import Image
+
+    suffix, values, _ = WIDE_MODES[mode]
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode.split()[0]]
+    pixels = np.tile(np.array(values, dtype=dtype), (8, 1))
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                img = Image.fromarray(pixels)
+                assert img.mode == mode.split()[0]
+                img.save(folder / f"img_{i}{suffix}")
+
+
+@pytest.mark.parametrize("mode", list(WIDE_MODES))
+def test_wide_image_modes_are_scaled_to_8_bits(mode, tmp_path, monkeypatch, capsys):
+    """The mean that --normalize auto computes from such images, in the run's config, is that of
+    the scaled values (PIL's conversion alone clipped 16-bit images to white, floats to black)."""
+    import json
+
+    write_mode_folder(tmp_path / "wide", mode)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "m", *folder_args(tmp_path / "wide", "--first_order", "--nodes", "2")]
+    assert search.main(argv) == 0, capsys.readouterr().err
+    assert "WARNING" not in capsys.readouterr().err
+    config = json.loads((tmp_path / "searchs" / "m" / "config.json").read_text())
+    mean = [float(v) for v in config["normalize"].split("/")[0].split(",")]
+    expected = sum(WIDE_MODES[mode][2]) / 8 / 255
+    assert mean == pytest.approx([expected] * 3, abs=1e-4)

@@ -10,6 +10,7 @@ own images). Every dataset yields ``(float32 tensor (C, H, W), normalised; int l
 from __future__ import annotations
 
 import functools
+import hashlib
 import multiprocessing
 import os
 import socket
@@ -404,6 +405,32 @@ def _check_same_classes(root: str) -> None:
         )
 
 
+# The files named in a warning so far, by this process and its loader workers together, so that
+# each bad file is named once per run whichever pass (the --normalize auto statistics, training,
+# validation) and whichever worker meets it: [0] is the count, then 64-bit digests of the paths.
+_WARN_SLOTS = 4096
+_warned_files: Any = None
+
+
+def _warned_registry() -> Any:
+    global _warned_files
+    if _warned_files is None:  # made in the main process, inherited by the workers it starts
+        _warned_files = multiprocessing.Array("q", _WARN_SLOTS + 1)
+    return _warned_files
+
+
+def warn_once(registry: Any, path: str, problem: str) -> None:
+    """``WARNING: skipped <path>: <problem>`` on stderr, unless ``registry`` holds ``path``."""
+    key = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
+    with registry.get_lock():
+        n = registry[0]
+        if key in registry[1 : n + 1]:
+            return
+        if n < _WARN_SLOTS:  # past that many bad files, a repeated name is no harm
+            registry[n + 1], registry[0] = key, n + 1
+    print(f"WARNING: skipped {path}: {problem}", file=sys.stderr)
+
+
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -451,7 +478,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
     def __init__(self, root: str, transform: Callable) -> None:
         self.rejected: list[str] = []
         self.unreadable = multiprocessing.Value("i", 0)
-        self._warned: set[str] = set()
+        self.warned = _warned_registry()
         super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=self._is_image)
 
     def _is_image(self, path: str) -> bool:
@@ -474,9 +501,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
     def _skip(self, path: str, error: Exception) -> None:
         with self.unreadable.get_lock():
             self.unreadable.value += 1
-        if path not in self._warned:
-            self._warned.add(path)
-            print(f"WARNING: skipped {path}: {_one_line(str(error))[:200]}", file=sys.stderr)
+        warn_once(self.warned, path, _one_line(str(error))[:200])
 
 
 def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -582,7 +607,7 @@ def _load_folder(
     tf = _folder_transform(name, size, train, augment, cutout_length, normalize)
     data = ImageFolderDataset(split, tf)
     for path in data.rejected:
-        print(f"WARNING: skipped {path}: not an image file", file=sys.stderr)
+        warn_once(data.warned, path, "not an image file")
     return data
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import run_script
 from datasets_fakes import write_image_folder
 
 import augment
@@ -215,3 +216,25 @@ def test_wide_image_modes_are_scaled_to_8_bits(mode, tmp_path, monkeypatch, caps
     mean = [float(v) for v in config["normalize"].split("/")[0].split(",")]
     expected = sum(WIDE_MODES[mode][2]) / 8 / 255
     assert mean == pytest.approx([expected] * 3, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Unreadable files
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_each_bad_file_is_named_once_per_run(tmp_path):
+    """The --normalize auto pass, training (a new worker every epoch) and the held-out split
+    all meet the truncated JPEG and notes.txt: each is named once; the log's counts stay."""
+    bad = write_image_folder(str(tmp_path / "img"), per_class=3)
+    argv = ["--name", "w", *folder_args(tmp_path / "img", "--genotype", "DARTS_V2")]  # last wins:
+    res = run_script(
+        "augment.py", *argv, "--epochs", "2", "--workers", "1", "--val_portion", "0.3",
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    for path in (bad["truncated"], bad["not_image"]):
+        assert res.stderr.count(f"WARNING: skipped {path}") == 1, res.stderr
+    log = (tmp_path / "augments" / "w" / "augment.log").read_text()
+    counts = [ln.split("so far: ")[1] for ln in log.splitlines() if "skipped so far" in ln]
+    assert counts[0].startswith("1 not images, 1 unreadable reads")  # epoch 1, training
+    assert counts[2].startswith("1 not images, 2 unreadable reads")  # epoch 2: counted again

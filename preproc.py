@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -456,13 +457,34 @@ def to_rgb(img: Any) -> Any:
     return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+class ImageTooLarge(ValueError):
+    """An image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``), perhaps a decompression
+    bomb: a tiny file that decodes to gigabytes. Skipped like an unreadable file."""
+
+
 def read_rgb(path: str) -> Any:
-    """Decode the image file at ``path`` (all of it: truncation shows here) as 8-bit RGB."""
+    """Decode the image file at ``path`` (all of it: truncation shows here) as 8-bit RGB.
+    :class:`ImageTooLarge` for an image of more pixels than PIL's limit."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
+    with open(path, "rb") as f, warnings.catch_warnings():
+        # PIL only warns between its limit and twice it, and then decodes: refuse both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(f)
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = Image.MAX_IMAGE_PIXELS
+            try:  # the header alone, for the size: opening decodes nothing
+                Image.MAX_IMAGE_PIXELS = None
+                with Image.open(path) as header:
+                    w, h = header.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            raise ImageTooLarge(
+                f"{w}x{h} = {w * h:,} pixels, more than the {limit:,} that PIL decodes (the "
+                f"limit against decompression bombs)"
+            ) from None
     return to_rgb(img)
 
 

@@ -238,3 +238,122 @@ def test_each_bad_file_is_named_once_per_run(tmp_path):
     counts = [ln.split("so far: ")[1] for ln in log.splitlines() if "skipped so far" in ln]
     assert counts[0].startswith("1 not images, 1 unreadable reads")  # epoch 1, training
     assert counts[2].startswith("1 not images, 2 unreadable reads")  # epoch 2: counted again
+
+
+# --------------------------------------------------------------------------------------------
+# Decompression bombs, and loader workers that die
+# --------------------------------------------------------------------------------------------
+def write_png_header(path, w, h):
+    """A PNG that says it is ``w`` x ``h`` (1-bit grayscale) and holds almost no data: PIL
+    meets it as it meets ``Image.new('1', (w, h)).save(path)``, at its header, without the
+    memory that writing a real one takes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def bomb_folder(tmp_path):
+    root = tmp_path / "img"
+    write_image_folder(str(root), per_class=3)
+    bomb, big = root / "train" / "class_1" / "bomb.png", root / "train" / "class_2" / "big.png"
+    write_png_header(bomb, 30000, 30000)  # over twice PIL's limit: PIL raises
+    write_png_header(big, 10000, 10000)  # over the limit, under twice it: PIL only warns
+    return root, bomb, big
+
+
+def assert_bombs_named_once(err, bomb, big):
+    for path, size in ((bomb, "30000x30000 = 900,000,000 pixels"), (big, "10000x10000")):
+        lines = [ln for ln in err.splitlines() if str(path) in ln]
+        assert len(lines) == 1 and lines[0].startswith("WARNING: skipped "), err
+        assert size in lines[0] and "decompression bombs" in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("normalize", ["auto", "imagenet"])
+def test_a_decompression_bomb_is_skipped_with_a_warning(normalize, tmp_path, monkeypatch, capsys):
+    import torch
+
+    root, bomb, big = bomb_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "b", *folder_args(root, "--genotype", "DARTS_V2", "--normalize", normalize)]
+    assert augment.main(argv) == 0
+    assert_bombs_named_once(capsys.readouterr().err, bomb, big)
+    state = torch.load(tmp_path / "augments" / "b" / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_decompression_bomb_with_loader_workers_is_skipped(tmp_path):
+    root, bomb, big = bomb_folder(tmp_path)
+    argv = ["--name", "s", *folder_args(root, "--first_order", "--nodes", "2", "--workers", "1")]
+    res = run_script("search.py", *argv, cwd=tmp_path, timeout=120)  # a hang guard only
+    assert res.returncode == 0, res.stderr
+    assert_bombs_named_once(res.stderr, bomb, big)
+    assert (tmp_path / "searchs" / "s" / "checkpoint.pth.tar").is_file()
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(c) for c in f.read().split()}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
+def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path):
+    """A training worker killed (as the out-of-memory killer does) while epoch 2 runs: the run
+    ends with one line and exit status 1, and epoch 1's checkpoint is intact. It used to print
+    torch's traceback and then wait forever on the other worker at exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from conftest import ROOT
+
+    argv = ["--name", "k", *AUG, "--epochs", "30", "--batch_size", "32", "--workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "augment.py"), *argv],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        log = tmp_path / "augments" / "k" / "augment.log"
+        while not (log.exists() and "Epoch 1 done" in log.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        # The main process frozen while its children are listed: those of epoch 1's evaluation
+        # stay (persistent); a new one is a training worker of epoch 2.
+        proc.send_signal(signal.SIGSTOP)
+        evaluation = _children(proc.pid)
+        proc.send_signal(signal.SIGCONT)
+        killed = None
+        while killed is None:
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGSTOP)
+            new = _children(proc.pid) - evaluation
+            if new:
+                killed = min(new)
+                os.kill(killed, signal.SIGKILL)
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=120)  # a hang guard only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("augment.py: error: a data-loader worker died")
+    assert f"pid(s) {killed}" in lines[0] or f"pid {killed}" in lines[0]
+    assert "checkpoint.pth.tar; continue with: python augment.py" in lines[0]
+    state = torch.load(tmp_path / "augments" / "k" / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())

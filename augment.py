@@ -37,7 +37,7 @@ from config import AugmentConfig, ConfigError
 from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
 from models.flops import RULE, mult_adds
-from preproc import dataset_info, get_dataset, resolve_normalize
+from preproc import dataset_info, get_dataset, resolve_normalize, set_max_image_pixels
 from utils import count_parameters
 
 RUN_ROOT = "augments"
@@ -379,6 +379,7 @@ def report_result(run: engine.Run, select: str, report: str) -> tuple[float, flo
 def main(argv: list[str] | None = None) -> int:
     def prepare(argv: list[str]) -> tuple[AugmentConfig, Callable[[], Any]]:
         cfg = AugmentConfig.from_argv(argv)
+        set_max_image_pixels(cfg.max_image_pixels)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
         cfg.normalize = resolve_normalize(
             cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize, with_val=not cfg.no_test

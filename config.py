@@ -64,6 +64,11 @@ class BaseConfig:
         "image folders: auto (imagenet: ImageNet's constants; folder: the mean and std of the "
         "training images, computed once) | imagenet | MEAN/STD, e.g. 0.5,0.5,0.5/0.2,0.2,0.2",
     )
+    max_image_pixels: int = _arg(
+        0,
+        "image folders: read images of up to this many pixels (0: PIL's limit, 89,478,485); "
+        "larger ones are skipped with a warning, as possible decompression bombs",
+    )
 
     # Settings that --dataset imagenet changes unless given (the paper's ImageNet recipe).
     RECIPES: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -130,6 +135,8 @@ class BaseConfig:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})"
             )
+        if self.max_image_pixels < 0:
+            raise ConfigError(f"--max_image_pixels must be >= 0, got {self.max_image_pixels}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         _positive(self, "batch_size", "epochs", "layers", "init_channels", "print_freq")

@@ -457,6 +457,23 @@ def to_rgb(img: Any) -> Any:
     return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+def set_max_image_pixels(pixels: int) -> None:
+    """``--max_image_pixels``: the most pixels an image may have to be decoded (0: PIL's own
+    limit). Set in the main process before its loader workers start: they inherit it."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = pixels or _PIL_MAX_PIXELS
+
+
+_PIL_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # PIL's default Image.MAX_IMAGE_PIXELS
+
+
+def _pil_max_pixels() -> int:
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or 0
+
+
 class ImageTooLarge(ValueError):
     """An image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``), perhaps a decompression
     bomb: a tiny file that decodes to gigabytes. Skipped like an unreadable file."""
@@ -482,8 +499,8 @@ def read_rgb(path: str) -> Any:
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
             raise ImageTooLarge(
-                f"{w}x{h} = {w * h:,} pixels, more than the {limit:,} that PIL decodes (the "
-                f"limit against decompression bombs)"
+                f"{w}x{h} = {w * h:,} pixels, more than the {limit:,} read (the limit against "
+                f"decompression bombs; --max_image_pixels raises it)"
             ) from None
     return to_rgb(img)
 
@@ -501,6 +518,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
         self.rejected: list[str] = []
         self.unreadable = multiprocessing.Value("i", 0)
         self.warned = _warned_registry()
+        self.max_pixels = _pil_max_pixels()  # --max_image_pixels, for workers of any start method
         super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=self._is_image)
 
     def _is_image(self, path: str) -> bool:
@@ -510,6 +528,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
         return False
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        set_max_image_pixels(self.max_pixels)
         for k in range(len(self.samples)):
             path, target = self.samples[(index + k) % len(self.samples)]
             try:

@@ -357,3 +357,28 @@ def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path):
     assert "checkpoint.pth.tar; continue with: python augment.py" in lines[0]
     state = torch.load(tmp_path / "augments" / "k" / "checkpoint.pth.tar", weights_only=True)
     assert state["epoch"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("limit", ["1000", "0"])
+def test_max_image_pixels_sets_the_limit(limit, tmp_path, monkeypatch, capsys):
+    """--max_image_pixels 1000 skips a 40x40 image, naming the flag; the default reads it."""
+    from PIL import Image
+
+    import preproc
+
+    write_mode_folder(tmp_path / "img", "I;16")
+    big = tmp_path / "img" / "train" / "class_0" / "big.png"
+    Image.new("L", (40, 40), 128).save(big)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "p", *folder_args(tmp_path / "img", "--genotype", "DARTS_V2")]
+    try:
+        assert augment.main([*argv, "--max_image_pixels", limit]) == 0
+    finally:
+        preproc.set_max_image_pixels(0)  # PIL's own limit for the tests that follow
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "WARNING: skipped" in ln]
+    if limit == "0":
+        assert not lines, err
+    else:
+        assert len(lines) == 1 and str(big) in lines[0] and "40x40 = 1,600 pixels" in lines[0]
+        assert "more than the 1,000 read" in lines[0] and "--max_image_pixels" in lines[0]

@@ -28,7 +28,7 @@ from augment import amp_dtype, build_model
 from checkpoint import load_checkpoint
 from config import AugmentConfig, ConfigError
 from distributed import resolve_device
-from engine import data_loader, evaluate
+from engine import data_loader, end_loader_workers, evaluate
 from models.augment_cnn import AugmentCNN
 from preproc import dataset_info, get_dataset
 from utils import UserError, memory_format
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    except BaseException:  # its traceback follows; the loader workers must not outlive it
+        end_loader_workers()
+        raise
     print(
         f"Test loss {result['loss']:.4f} top1 {result['top1']:.2%} top5 {result['top5']:.2%} "
         f"({args.checkpoint or args.official}, PyTorch {torch.__version__})"

@@ -382,3 +382,15 @@ def test_max_image_pixels_sets_the_limit(limit, tmp_path, monkeypatch, capsys):
     else:
         assert len(lines) == 1 and str(big) in lines[0] and "40x40 = 1,600 pixels" in lines[0]
         assert "more than the 1,000 read" in lines[0] and "--max_image_pixels" in lines[0]
+
+
+def test_a_last_batch_of_one_image_is_dropped(tmp_path, monkeypatch, capsys):
+    """9 training images in batches of 4: the last batch, of one image, would fail in the
+    auxiliary head's BatchNorm; it is dropped (2 steps), the run ends well."""
+    write_image_folder(str(tmp_path / "img"), per_class=3)  # 9 images and a truncated JPEG
+    (tmp_path / "img" / "train" / "class_0" / "truncated.jpg").unlink()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "o", *folder_args(tmp_path / "img", "--genotype", "DARTS_V2")]
+    assert augment.main([*argv, "--print_freq", "1"]) == 0, capsys.readouterr().err
+    log = (tmp_path / "augments" / "o" / "augment.log").read_text()
+    assert "step 001/001" in log and "step 002" not in log

@@ -466,7 +466,7 @@ def script_main(
         return 1
     except RuntimeError as e:
         end_loader_workers()
-        if not _LOADER_WORKER_DIED.match(str(e)):
+        if cfg is None or not _LOADER_WORKER_DIED.match(str(e)):
             raise
         # Killed (out of memory?) or crashed: the epoch is lost, its checkpoint is not.
         hint = resume_hint(name, os.path.join(run_root, cfg.name), argv)

@@ -30,7 +30,7 @@ from config import AugmentConfig, ConfigError
 from distributed import resolve_device
 from engine import data_loader, end_loader_workers, evaluate
 from models.augment_cnn import AugmentCNN
-from preproc import dataset_info, get_dataset
+from preproc import dataset_info, get_dataset, set_max_image_pixels
 from utils import UserError, memory_format
 
 OFFICIAL_ONLY = ("genotype", "init_channels", "layers", "imagenet_stem")
@@ -163,6 +163,7 @@ def _settings(cfg: AugmentConfig, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict[str, float]:
     cfg, model = from_official(args) if args.official else from_checkpoint(args)
     device = resolve_device(cfg.device, cfg.gpu_ids())
+    set_max_image_pixels(cfg.max_image_pixels)  # the run's, from its config
     # An image folder's test split is val/, normalised as in training (the run's config holds
     # the mean and std it computed).
     test_data = get_dataset(

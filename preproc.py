@@ -506,13 +506,14 @@ def read_rgb(path: str) -> Any:
 
 
 class ImageFolderDataset(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder (images read as RGB: grayscale and CMYK files too) that never
-    stops a run on a bad file.
+    """torchvision's ImageFolder (images read as 8-bit RGB by :func:`read_rgb`: grayscale,
+    CMYK, 16-bit and float files too) that never stops a run on a bad file.
 
     A file without an image extension is left out when the folder is scanned (``rejected``
-    lists them). A file that cannot be decoded (not an image, or a truncated JPEG) is skipped
-    when it is read: a warning line names it, the next image takes its place, and
-    ``unreadable`` (shared with the loader's worker processes) counts the skips."""
+    lists them). A file that cannot be decoded (not an image, a truncated JPEG, an image over
+    the pixel limit) is skipped when it is read: a warning line names it (once per run:
+    :func:`warn_once`), the next image takes its place, and ``unreadable`` (shared with the
+    loader's worker processes) counts the skips."""
 
     def __init__(self, root: str, transform: Callable) -> None:
         self.rejected: list[str] = []

@@ -166,12 +166,10 @@ class Architect:
     ) -> list[torch.Tensor]:
         # eps = 0.01 / ||dw|| (paper, footnote to eq. 8). The weights at w +- eps * dw are
         # plain tensors: no weight gradient is computed in these two passes, only alpha's.
-        eps = (
-            self.fd_scale
-            / torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(d) for d in dw])
-            ).item()
-        )
+        # A zero dw (a loss flat in w, e.g. one class) gives eps = 0.01 / tiny, finite: both
+        # shifts are then w itself and the term is exactly 0 instead of 0 / 0.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in dw]))
+        eps = self.fd_scale / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():

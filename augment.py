@@ -37,7 +37,7 @@ from config import AugmentConfig, ConfigError
 from distributed import DistInfo, wrap_ddp
 from models.augment_cnn import AugmentCNN
 from models.flops import RULE, mult_adds
-from preproc import dataset_info, get_dataset, resolve_normalize
+from preproc import dataset_info, get_dataset, resolve_normalize, set_max_image_pixels
 from utils import count_parameters
 
 RUN_ROOT = "augments"
@@ -241,7 +241,9 @@ def init_weights(cfg: AugmentConfig, genotype: gt.Genotype) -> official.Matched 
     name = official.network_name(
         cfg.genotype, cfg.imagenet_stem, cfg.init_channels, cfg.layers, model.linear.out_features
     )
-    return official.init_state(model, cfg.init_from, name)
+    matched = official.init_state(model, cfg.init_from, name)
+    official.warn_if_not_finite(cfg.init_from, matched.weights.tensors)
+    return matched
 
 
 def run(
@@ -253,6 +255,7 @@ def run(
     (:func:`init_weights`)."""
     input_size = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
+        dtype = amp_dtype(cfg.amp, run.device)  # refused on this device before anything is written
         train_loader, val_loader, test_loader, _ = make_loaders(
             cfg, run.pin_memory, run.dist, run.data_gen
         )
@@ -273,7 +276,6 @@ def run(
         scheduler = make_scheduler(optimizer, cfg)
         train_model = wrap_ddp(model, run.dist, run.device)  # averages the gradients
         aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
-        dtype = amp_dtype(cfg.amp, run.device)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
         tracked = dict(model=model, optimizer=optimizer, scheduler=scheduler)
@@ -377,6 +379,7 @@ def report_result(run: engine.Run, select: str, report: str) -> tuple[float, flo
 def main(argv: list[str] | None = None) -> int:
     def prepare(argv: list[str]) -> tuple[AugmentConfig, Callable[[], Any]]:
         cfg = AugmentConfig.from_argv(argv)
+        set_max_image_pixels(cfg.max_image_pixels)
         genotype = gt.load(cfg.genotype)  # parsed, never evaluated; before anything is written
         cfg.normalize = resolve_normalize(
             cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize, with_val=not cfg.no_test

@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pickle
 import random
+import re
 import shlex
 import signal
 import threading
+import warnings
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -51,16 +54,48 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
     atomic_write(path, write)
 
 
+def safe_load(path: str, map_location: str | torch.device = "cpu", what: str = "") -> Any:
+    """``torch.load(path, weights_only=True)``, quietly (torch's warning about an unusual
+    pickle protocol is not the user's business); ConfigError with one line if it fails: a file
+    that holds pickled code (or a pickle the tensor-only reader cannot follow) says so and is
+    refused, without torch's advice to turn that safety off; a damaged file says that (``what``
+    names the kind of file: "checkpoint ")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises many kinds for a damaged file
+            error = e
+    text = str(error)
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # pickle's PROTO opcode (protocol 2+); text is not
+    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+        raise ConfigError(f"cannot read {what}{path}: {first} (a truncated or damaged file?)")
+    code = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if code:
+        raise ConfigError(
+            f"{path} holds pickled code ({code.group(1)}): refused, only tensors are read"
+        )
+    if not pickled:  # the unpickler read random bytes as opcodes
+        raise ConfigError(
+            f"cannot read {what}{path}: not a torch.save file (a truncated or damaged file?)"
+        )
+    # e.g. a plain pickle.dump of protocol 4 ("Unsupported operand 149")
+    lines = [ln.strip() for ln in text.split("WeightsUnpickler error:")[-1].splitlines()]
+    reason = next((ln for ln in lines if ln), "unsupported content")[:80]
+    raise ConfigError(
+        f"{path} is a pickle that the tensor-only reader cannot follow ({reason}; not a "
+        f"torch.save file of tensors): refused, it may hold code"
+    )
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True``; ConfigError with one line if it is
-    missing, truncated, corrupt or not one of ours."""
+    missing, truncated, corrupt, holds pickled code or is not one of ours."""
     if not os.path.isfile(path):
         raise ConfigError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    state = safe_load(path, map_location, "checkpoint ")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"{path} is not a checkpoint of this project")
     return state

@@ -73,6 +73,11 @@ class BaseConfig:
         "image folders: auto (imagenet: ImageNet's constants; folder: the mean and std of the "
         "training images, computed once) | imagenet | MEAN/STD, e.g. 0.5,0.5,0.5/0.2,0.2,0.2",
     )
+    max_image_pixels: int = _arg(
+        0,
+        "image folders: read images of up to this many pixels (0: PIL's limit, 89,478,485); "
+        "larger ones are skipped with a warning, as possible decompression bombs",
+    )
 
     # Settings that --dataset imagenet changes unless given (the paper's ImageNet recipe).
     RECIPES: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -132,12 +137,15 @@ class BaseConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name} must be a finite number, got {value}")
-        if not self.name or os.sep in self.name or self.name in (".", ".."):
+        # A name of only spaces would make a folder that no one can see or type.
+        if not self.name.strip() or os.sep in self.name or self.name in (".", ".."):
             raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(
                 f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})"
             )
+        if self.max_image_pixels < 0:
+            raise ConfigError(f"--max_image_pixels must be >= 0, got {self.max_image_pixels}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         _positive(self, "batch_size", "epochs", "layers", "init_channels", "print_freq")
@@ -329,6 +337,12 @@ class AugmentConfig(BaseConfig):
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.aux_weight < 0:
             raise ConfigError(f"--aux_weight must be >= 0, got {self.aux_weight}")
+        if self.batch_size == 1 and self.aux_weight > 0:
+            # The auxiliary head's BN sees one value per channel (1x1 maps) of a single image.
+            raise ConfigError(
+                "--batch_size 1 cannot train the auxiliary head (its BatchNorm needs two "
+                "images): use --batch_size 2 or more, or --aux_weight 0"
+            )
         if self.cutout_length < 0:
             raise ConfigError(f"--cutout_length must be >= 0, got {self.cutout_length}")
         if not 0.0 <= self.drop_path_prob < 1.0:

@@ -25,8 +25,12 @@ A run, as the stages use it::
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -405,6 +409,30 @@ def log_eval(run: Run, split: str, epoch: int, result: dict[str, float], note: s
 # --------------------------------------------------------------------------------------------
 # The command-line frame
 # --------------------------------------------------------------------------------------------
+# torch's words for a loader worker that ended without a word (SIGKILL, a crash)
+_LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pids?")
+
+
+def end_loader_workers() -> None:
+    """Kill this process's data-loader workers (daemonic children) that are still alive. They
+    ignore SIGTERM (:func:`checkpoint.ignore_stop_signals`), so on an error that leaves their
+    iterator behind, Python's exit, which terminates its daemonic children with SIGTERM and
+    then joins them, would wait for them forever. torch's SIGCHLD handler, which raises when
+    one of its workers ends, is set aside meanwhile."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if not workers:
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    try:
+        for p in workers:
+            p.kill()
+            p.join(5.0)
+    finally:
+        if main:
+            signal.signal(signal.SIGCHLD, old)
+
+
 def script_main(
     script: str,
     run_root: str,
@@ -439,6 +467,18 @@ def script_main(
     except ChildFailedError as e:  # the failing process has printed its own error
         print(f"{name}: error: a worker process failed ({type(e).__name__})", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        end_loader_workers()
+        if cfg is None or not _LOADER_WORKER_DIED.match(str(e)):
+            raise
+        # Killed (out of memory?) or crashed: the epoch is lost, its checkpoint is not.
+        hint = resume_hint(name, os.path.join(run_root, cfg.name), argv)
+        died = " ".join(str(e).split())
+        print(f"{name}: error: a data-loader worker died ({died}); {hint}", file=sys.stderr)
+        return 1
+    except BaseException:  # a bug: its traceback follows, and the process must still end
+        end_loader_workers()
+        raise
     finally:
         distributed.cleanup_distributed()
     return 0

@@ -28,9 +28,9 @@ from augment import amp_dtype, build_model
 from checkpoint import load_checkpoint
 from config import AugmentConfig, ConfigError
 from distributed import resolve_device, set_tf32
-from engine import data_loader, evaluate
+from engine import data_loader, end_loader_workers, evaluate
 from models.augment_cnn import AugmentCNN
-from preproc import dataset_info, get_dataset
+from preproc import dataset_info, get_dataset, set_max_image_pixels
 from utils import UserError, memory_format
 
 OFFICIAL_ONLY = ("genotype", "init_channels", "layers", "imagenet_stem")
@@ -112,6 +112,7 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN
         raise ConfigError(
             f"the weights in {args.checkpoint} do not fit the network its config describes"
         ) from None
+    official.warn_if_not_finite(args.checkpoint, state["model"].items())
     return cfg, model
 
 
@@ -126,6 +127,7 @@ def from_official(args: argparse.Namespace) -> tuple[AugmentConfig, AugmentCNN]:
                 f"--dataset cifar10 or imagenet)"
             )
     weights = official.read_weights(args.official)
+    official.warn_if_not_finite(args.official, weights.tensors)
     genotype = gt.load(args.genotype)
     # The ImageNet network for imagenet, for --imagenet_stem, and for the authors' ImageNet file.
     imagenet = args.dataset == "imagenet" or args.imagenet_stem or weights.imagenet
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     cfg, model = from_official(args) if args.official else from_checkpoint(args)
     device = resolve_device(cfg.device, cfg.gpu_ids())
     set_tf32(cfg.allow_tf32)  # the run's precision (its checkpoint's --allow_tf32)
+    set_max_image_pixels(cfg.max_image_pixels)  # the run's, from its config
     # An image folder's test split is val/, normalised as in training (the run's config holds
     # the mean and std it computed).
     test_data = get_dataset(
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    except BaseException:  # its traceback follows; the loader workers must not outlive it
+        end_loader_workers()
+        raise
     print(
         f"Test loss {result['loss']:.4f} top1 {result['top1']:.2%} top5 {result['top5']:.2%} "
         f"({args.checkpoint or args.official}, PyTorch {torch.__version__})"

@@ -37,15 +37,16 @@ code to load is refused.
 from __future__ import annotations
 
 import os
-import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from checkpoint import safe_load
 from preproc import FOLDER_DATASETS, IMAGENET_NORMALIZE
-from utils import UserError
+from utils import ConfigError, UserError
 
 AUX_PREFIXES = ("auxiliary_head.", "aux_head.")  # the authors' attribute, this project's
 # This project's classifiers (main, auxiliary): left new when the class count changes.
@@ -119,11 +120,6 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -134,26 +130,9 @@ def read_weights(path: str) -> Weights:
     if not os.path.isfile(path):
         raise OfficialWeightsError(f"no weights file at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        reason = next(
-            (ln.split("error:", 1)[1].strip() for ln in text.splitlines() if "error:" in ln),
-            _first_line(e),
-        )
-        if "Weights only load failed" in text and "Unsupported" in text:
-            raise OfficialWeightsError(
-                f"{path} needs pickled Python code to load ({reason[:120]}): refused, only "
-                f"tensors are read (torch.load with weights_only=True); the authors' released "
-                f"files hold tensors only"
-            ) from None
-        raise OfficialWeightsError(
-            f"cannot read {path}: {reason[:200]} (a truncated or damaged file?)"
-        ) from None
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise OfficialWeightsError(
-            f"cannot read {path}: {_first_line(e)} (a truncated or damaged file?)"
-        ) from None
+        obj = safe_load(path)
+    except ConfigError as e:  # one line: damaged, or pickled code (refused)
+        raise OfficialWeightsError(str(e)) from None
 
     meta: dict[str, Any] = {}
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
@@ -282,6 +261,18 @@ def init_state(model: nn.Module, path: str, network: str) -> Matched:
     """The weights of ``path`` for fine-tuning ``model`` (``augment.py --init_from``): all
     but the classifiers when the class count differs (:func:`match` with new_classifiers)."""
     return match(model, read_weights(path), network, new_classifiers=True)
+
+
+def warn_if_not_finite(path: str, tensors: Any) -> None:
+    """One warning line on stderr when ``tensors`` ((name, tensor) pairs) hold NaN or infinite
+    values: a network of such weights computes NaN, and its results would say only that."""
+    bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        print(
+            f"WARNING: the weights in {path} are not finite: {len(bad)} tensors hold NaN or "
+            f"infinite values (the first: {bad[0]})",
+            file=sys.stderr,
+        )
 
 
 def apply(model: nn.Module, matched: Matched) -> None:

@@ -10,12 +10,15 @@ own images). Every dataset yields ``(float32 tensor (C, H, W), normalised; int l
 from __future__ import annotations
 
 import functools
+import hashlib
 import multiprocessing
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -377,6 +380,10 @@ def folder_classes(split_dir: str) -> list[str]:
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not classes:
         raise DataError(f"{split_dir} holds no class folders: expected {split_dir}/{_LAYOUT}")
+    if len(classes) < 2:  # one class: the loss is 0 and every prediction right, nothing learns
+        raise DataError(
+            f"{split_dir} holds one class folder ({classes[0]}): a classifier needs at least two"
+        )
     for c in classes:
         folder = os.path.join(split_dir, c)
         if not any(
@@ -399,20 +406,121 @@ def _check_same_classes(root: str) -> None:
         )
 
 
+# The files named in a warning so far, by this process and its loader workers together, so that
+# each bad file is named once per run whichever pass (the --normalize auto statistics, training,
+# validation) and whichever worker meets it: [0] is the count, then 64-bit digests of the paths.
+_WARN_SLOTS = 4096
+_warned_files: Any = None
+
+
+def _warned_registry() -> Any:
+    global _warned_files
+    if _warned_files is None:  # made in the main process, inherited by the workers it starts
+        _warned_files = multiprocessing.Array("q", _WARN_SLOTS + 1)
+    return _warned_files
+
+
+def warn_once(registry: Any, path: str, problem: str) -> None:
+    """``WARNING: skipped <path>: <problem>`` on stderr, unless ``registry`` holds ``path``."""
+    key = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
+    with registry.get_lock():
+        n = registry[0]
+        if key in registry[1 : n + 1]:
+            return
+        if n < _WARN_SLOTS:  # past that many bad files, a repeated name is no harm
+            registry[n + 1], registry[0] = key, n + 1
+    print(f"WARNING: skipped {path}: {problem}", file=sys.stderr)
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Any) -> Any:
+    """A PIL image as 8-bit RGB. PIL's own conversion clips wide modes to 0..255 (a 16-bit
+    image turns white, a float one black), so they are scaled first, to a grayscale "L":
+    16-bit (``I;16*``) values divided by 257 (65535 -> 255); 32-bit integers (``I``) the same
+    when they lie in 0..65535, else their min..max stretched to 0..255; floats (``F``) times
+    255 when they lie in [0, 1], else their min..max stretched (NaN counts as 0). Every other
+    mode (1, L, P, RGBA, CMYK, ...) goes through PIL's conversion."""
+    from PIL import Image
+
+    if img.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return img.convert("RGB")
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:  # its own range
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """``--max_image_pixels``: the most pixels an image may have to be decoded (0: PIL's own
+    limit). Set in the main process before its loader workers start: they inherit it."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = pixels or _PIL_MAX_PIXELS
+
+
+_PIL_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # PIL's default Image.MAX_IMAGE_PIXELS
+
+
+def _pil_max_pixels() -> int:
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or 0
+
+
+class ImageTooLarge(ValueError):
+    """An image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``), perhaps a decompression
+    bomb: a tiny file that decodes to gigabytes. Skipped like an unreadable file."""
+
+
+def read_rgb(path: str) -> Any:
+    """Decode the image file at ``path`` (all of it: truncation shows here) as 8-bit RGB.
+    :class:`ImageTooLarge` for an image of more pixels than PIL's limit."""
+    from PIL import Image
+
+    with open(path, "rb") as f, warnings.catch_warnings():
+        # PIL only warns between its limit and twice it, and then decodes: refuse both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(f)
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = Image.MAX_IMAGE_PIXELS
+            try:  # the header alone, for the size: opening decodes nothing
+                Image.MAX_IMAGE_PIXELS = None
+                with Image.open(path) as header:
+                    w, h = header.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            raise ImageTooLarge(
+                f"{w}x{h} = {w * h:,} pixels, more than the {limit:,} read (the limit against "
+                f"decompression bombs; --max_image_pixels raises it)"
+            ) from None
+    return to_rgb(img)
+
+
 class ImageFolderDataset(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder (images read as RGB: grayscale and CMYK files too) that never
-    stops a run on a bad file.
+    """torchvision's ImageFolder (images read as 8-bit RGB by :func:`read_rgb`: grayscale,
+    CMYK, 16-bit and float files too) that never stops a run on a bad file.
 
     A file without an image extension is left out when the folder is scanned (``rejected``
-    lists them). A file that cannot be decoded (not an image, or a truncated JPEG) is skipped
-    when it is read: a warning line names it, the next image takes its place, and
-    ``unreadable`` (shared with the loader's worker processes) counts the skips."""
+    lists them). A file that cannot be decoded (not an image, a truncated JPEG, an image over
+    the pixel limit) is skipped when it is read: a warning line names it (once per run:
+    :func:`warn_once`), the next image takes its place, and ``unreadable`` (shared with the
+    loader's worker processes) counts the skips."""
 
     def __init__(self, root: str, transform: Callable) -> None:
         self.rejected: list[str] = []
         self.unreadable = multiprocessing.Value("i", 0)
-        self._warned: set[str] = set()
-        super().__init__(root, transform=transform, is_valid_file=self._is_image)
+        self.warned = _warned_registry()
+        self.max_pixels = _pil_max_pixels()  # --max_image_pixels, for workers of any start method
+        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=self._is_image)
 
     def _is_image(self, path: str) -> bool:
         if path.lower().endswith(IMAGE_EXTENSIONS):
@@ -421,6 +529,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
         return False
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        set_max_image_pixels(self.max_pixels)
         for k in range(len(self.samples)):
             path, target = self.samples[(index + k) % len(self.samples)]
             try:
@@ -434,9 +543,7 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
     def _skip(self, path: str, error: Exception) -> None:
         with self.unreadable.get_lock():
             self.unreadable.value += 1
-        if path not in self._warned:
-            self._warned.add(path)
-            print(f"WARNING: skipped {path}: {_one_line(str(error))[:200]}", file=sys.stderr)
+        warn_once(self.warned, path, _one_line(str(error))[:200])
 
 
 def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -542,7 +649,7 @@ def _load_folder(
     tf = _folder_transform(name, size, train, augment, cutout_length, normalize)
     data = ImageFolderDataset(split, tf)
     for path in data.rejected:
-        print(f"WARNING: skipped {path}: not an image file", file=sys.stderr)
+        warn_once(data.warned, path, "not an image file")
     return data
 
 

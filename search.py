@@ -30,7 +30,7 @@ from architect import Architect
 from config import ConfigError, SearchConfig
 from distributed import DistInfo, unwrap, wrap_ddp
 from models.search_cnn import SearchCNNController
-from preproc import dataset_info, get_dataset, resolve_normalize
+from preproc import dataset_info, get_dataset, resolve_normalize, set_max_image_pixels
 from utils import count_parameters, write_jsonl
 
 RUN_ROOT = "searchs"
@@ -283,6 +283,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
 def main(argv: list[str] | None = None) -> int:
     def prepare(argv: list[str]) -> tuple[SearchConfig, Callable[[], Any]]:
         cfg = SearchConfig.from_argv(argv)
+        set_max_image_pixels(cfg.max_image_pixels)
         cfg.normalize = resolve_normalize(cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize)
         return cfg, lambda: run(cfg)
 

@@ -169,9 +169,15 @@ def script_config(cls: Any, what: str, base: list[str], args: list[str], more: l
 
     p = cls.parser("")
     p.error = lambda message: _one_line(f"{what}: {message}")
-    default, given = vars(p.parse_args(base)), vars(p.parse_args(base + args))
+    # The flags ``args`` give, whatever their values and spelling (--name x, --name=x, and the
+    # prefixes argparse takes, --nam x): parsed without defaults, the namespace holds only them.
+    flags = cls.parser("")
+    flags.error = p.error
+    for action in flags._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    given = vars(flags.parse_known_args(args)[0])
     for key in SET_BY_PROTOCOL:
-        if key in given and given[key] != default[key]:
+        if key in given:
             raise ConfigError(f"{what} may not set --{key}: the protocol sets it")
     cfg = cls(**vars(p.parse_args(base + args + more)))
     try:

@@ -192,3 +192,25 @@ def test_second_order_on_a_channels_last_network_matches_nchw():
     Architect(net_cl, MOMENTUM, WD).unrolled_backward(*trn, *val, XI, opt_cl)
     for a, b in zip(net.alphas(), net_cl.alphas()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-12)
+
+
+def test_a_zero_validation_gradient_gives_a_zero_hessian_term():
+    """dw' = 0 (a loss flat in w, as with one class): eps = 0.01 / ||dw'|| must not divide by
+    zero; the Hessian term is 0 and the alpha gradient is dalpha at the virtual step."""
+    net, w_optim, trn, val = make_setup()
+    arch = Architect(net, MOMENTUM, WD)
+    virtual = arch._virtual_gradients
+    seen = {}
+
+    def zero_dw(*args, **kw):
+        val_loss, dalpha, dw = virtual(*args, **kw)
+        seen["dalpha"] = [d.clone() for d in dalpha]
+        return val_loss, dalpha, tuple(torch.zeros_like(d) for d in dw)
+
+    arch._virtual_gradients = zero_dw
+    arch.unrolled_backward(*trn, *val, XI, w_optim)
+    _, dalpha, _, _ = reference_gradient(net, w_optim, trn, val, XI)
+    for a, da, ref in zip(net.alphas(), seen["dalpha"], dalpha):
+        assert torch.isfinite(a.grad).all()
+        assert torch.equal(a.grad, da)  # da - xi * 0, exactly
+        torch.testing.assert_close(a.grad, ref)  # the first-order term at the virtual step

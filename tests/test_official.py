@@ -216,7 +216,7 @@ def test_unreadable_files_give_one_line(tmp_path):
         official.read_weights(str(truncated))
     pickled = tmp_path / "pickled.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)  # a whole module: needs its class to load
-    with pytest.raises(official.OfficialWeightsError, match="needs pickled Python code") as err:
+    with pytest.raises(official.OfficialWeightsError, match="holds pickled code") as err:
         official.read_weights(str(pickled))
     assert "\n" not in str(err.value) and "refused" in str(err.value)
     with pytest.raises(official.OfficialWeightsError, match="no weights file at"):

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset, SubsetRandomSampler
 
+import collapse
 import engine
 import genotypes as gt
 from architect import Architect
@@ -164,6 +165,7 @@ def write_history(run: engine.Run, can_plot: bool) -> None:
     epoch = last["epoch"]
     visualize.plot_curves(history, os.path.join(plots, "curves.png"), "val")
     visualize.plot_op_weights(alphas, gt.PRIMITIVES, os.path.join(plots, "op_weights.png"))
+    visualize.plot_skip_counts(history, os.path.join(plots, "skip_counts.png"))
     for kind in ("normal", "reduce"):
         title = f"{kind} cell, epoch {epoch}"
         png = os.path.join(plots, f"epoch_{epoch:03d}-alphas-{kind}.png")
@@ -252,6 +254,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
                 if held["top1"] > run.extra["best_top1"]:
                     run.extra["best_top1"] = held["top1"]
                     run.extra["best_genotype"] = genotype
+            record.update(collapse.cell_stats(model.genotype()))  # always on: the skip count
             record["genotype"] = genotype
             files = lambda: write_history(run, can_plot)  # noqa: E731
             engine.log_skipped_files(run, train_loader)

@@ -209,9 +209,17 @@ class SearchConfig(BaseConfig):
         "the result)",
     )
 
+    max_skip: int = _arg(
+        0,
+        "P-DARTS: at most this many skip-connects in the final normal cell, the weakest extra "
+        "ones replaced by their node's next-best op (0: no limit, the paper's derivation)",
+    )
+
     def check(self) -> None:
         super().check()
         _positive(self, "nodes")
+        if self.max_skip < 0:
+            raise ConfigError(f"--max_skip must be >= 0 (0: no limit), got {self.max_skip}")
         if self.nodes > MAX_NODES:  # the genotype it prints must be readable back
             raise ConfigError(f"--nodes must be at most {MAX_NODES}, got {self.nodes}")
         if self.hessian not in HESSIAN_MODES:

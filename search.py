@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -192,6 +192,23 @@ def log_alphas(run: engine.Run, model: SearchCNNController, epoch: int) -> dict[
     return {k: [a.tolist() for a in v] for k, v in alphas.items()}
 
 
+def derive_final(
+    normal: Sequence[torch.Tensor], reduce: Sequence[torch.Tensor], max_skip: int
+) -> tuple[gt.Genotype, str]:
+    """The final genotype from the alphas of the two cell types (or their logarithms: the
+    derivation only sees their softmax), with ``--max_skip`` applied to the normal cell when
+    set. Returns it and a note for the genotype line ("" when no constraint applied)."""
+    concat = range(gt.N_INPUT_NODES, gt.N_INPUT_NODES + len(normal))
+    note = ""
+    if max_skip:
+        cell, replaced = gt.parse_max_skip(normal, max_skip, k=2)
+        if replaced:
+            note = f" (--max_skip {max_skip}: {replaced} skip-connect(s) replaced)"
+    else:
+        cell = gt.parse(normal, k=2)
+    return gt.Genotype(cell, concat, gt.parse(reduce, k=2), concat), note
+
+
 def run(cfg: SearchConfig) -> gt.Genotype:
     import visualize
 
@@ -261,12 +278,14 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             run.end_epoch(record, {"alphas": alphas}, write_files=files)
 
         run.check_replicas("weights, alphas and BN statistics")
-        final = model.genotype()
+        final, note = derive_final(list(model.alpha_normal), list(model.alpha_reduce), cfg.max_skip)
         if not run.is_main:
             return final
         with open(run.path("genotype.txt"), "w") as f:
             f.write(gt.to_str(final) + "\n")
-        print(f"Final genotype = {gt.to_str(final)}")
+        if note:
+            run.logger.info(f"Final genotype{note}")
+        print(f"Final genotype{note} = {gt.to_str(final)}")
         if select_loader is not None:
             best = run.extra["best_genotype"]
             run.logger.info(

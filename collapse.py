@@ -36,7 +36,6 @@ ES_THRESHOLD = 0.75
 EIGEN_BATCHES = 2
 EIGEN_ITERS = 20
 EIGEN_TOL = 1e-3
-EARLY_STOP_RULES = ("none", "skip", "eigen")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +113,9 @@ class HessianProbe:
         self.batches = list(batches)
         self.seed = seed
 
-    def __call__(self, model: nn.Module, epoch: int, iters: int = EIGEN_ITERS) -> Eigen:
+    def __call__(
+        self, model: nn.Module, epoch: int, iters: int = EIGEN_ITERS, tol: float = EIGEN_TOL
+    ) -> Eigen:
         t0 = time.time()
         alphas = list(model.alphas())  # type: ignore[operator]
         buffers = [b.detach().clone() for b in model.buffers()]
@@ -124,18 +125,24 @@ class HessianProbe:
             with tf32_disabled():
                 # L = mean over the fixed batches of the validation loss (their mean Hessian).
                 loss = sum(model.loss(X, y) for X, y in self.batches) / len(self.batches)  # type: ignore[operator]
-                grads = torch.autograd.grad(loss, alphas, create_graph=True)
-                g = torch.cat([t.reshape(-1) for t in grads])
+                # (A net of 2 layers has no normal cell: its alphas take no part, and their
+                # rows of the Hessian are 0.)
+                grads = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True)
+                g = _flat(grads, alphas)
 
                 def hvp(v: torch.Tensor) -> torch.Tensor:
-                    hv = torch.autograd.grad(g, alphas, grad_outputs=v, retain_graph=True)
-                    return torch.cat([t.reshape(-1) for t in hv]).detach()
+                    if not g.requires_grad:  # no alpha takes part
+                        return torch.zeros_like(v)
+                    hv = torch.autograd.grad(
+                        g, alphas, grad_outputs=v, retain_graph=True, allow_unused=True
+                    )
+                    return _flat(hv, alphas).detach()
 
                 # The start vector comes from the seed and the epoch, never from the search's
                 # random streams: a resumed run gets the same one.
                 gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 v0 = torch.randn(g.numel(), generator=gen, dtype=g.dtype).to(g.device)
-                value, products = power_iteration(hvp, v0, iters)
+                value, products = power_iteration(hvp, v0, iters, tol)
         finally:
             model.train(was_training)
             with torch.no_grad():
@@ -146,6 +153,13 @@ class HessianProbe:
         t = torch.tensor([value], dtype=torch.float64, device=alphas[0].device)
         all_reduce_mean([t])
         return Eigen(float(t.item()), products, time.time() - t0)
+
+
+def _flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradients as one flat vector, 0 for a tensor that took no part."""
+    return torch.cat(
+        [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(grads, like)]
+    )
 
 
 def fixed_batches(
@@ -229,7 +243,7 @@ def eigen_stop(
 def stop_decision(rule: str, history: Sequence[dict[str, Any]]) -> Stop | None:
     """The stop ``rule`` (``none``, ``skip`` or ``eigen``) calls for after the last epoch."""
     if rule == "skip":
-        return skip_stop(history)
+        return skip_stop(history, SKIP_LIMIT)
     if rule == "eigen":
-        return eigen_stop(history)
+        return eigen_stop(history, ES_WINDOW, ES_K, ES_THRESHOLD)
     return None

@@ -387,3 +387,21 @@ def test_an_early_stop_ends_the_run_and_its_resume(tmp_path, monkeypatch, capsys
     assert "stopped early at epoch 2" in out and "it has finished" in out
     assert [r["epoch"] for r in metrics(run)] == [1, 2]  # no epoch ran
     assert gt.load(str(run / "genotype.txt")) == gt.from_str(rows[0]["genotype"])
+
+
+def test_a_skip_stop_ends_the_run_with_that_epochs_genotype(tmp_path, monkeypatch, capsys):
+    """DARTS+ wired into the search: with the limit at 0 skip-connects the rule fires after the
+    first epoch, whose genotype is the result."""
+    monkeypatch.setattr(collapse, "SKIP_LIMIT", 0)
+    run = tiny_search(tmp_path, "r", 3, "--early_stop", "skip")
+    out = capsys.readouterr().out
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1]
+    assert "Early stop at epoch 1 of 3 (--early_stop skip)" in out
+    assert gt.load(str(run / "genotype.txt")) == gt.from_str(rows[0]["genotype"])
+    assert checkpoint(run)["early_stop"] == {
+        "epoch": 1,
+        "final_epoch": 1,
+        "reason": f"the normal cell holds {rows[0]['normal_skip']} skip-connects "
+        "(DARTS+ stops at 0)",
+    }

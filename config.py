@@ -25,6 +25,7 @@ MEMORY_FORMATS = ("channels_last", "contiguous")
 HESSIAN_MODES = ("finite", "exact")  # architect.Architect's hessian argument
 LR_SCHEDULES = ("cosine", "step", "linear")
 AMP_MODES = ("none", "bf16", "fp16")
+EARLY_STOP_RULES = ("none", "skip", "eigen")  # collapse.stop_decision's rules
 
 
 __all__ = ["AugmentConfig", "BaseConfig", "ConfigError", "SearchConfig"]
@@ -217,9 +218,37 @@ class SearchConfig(BaseConfig):
         "the result)",
     )
 
+    max_skip: int = _arg(
+        0,
+        "P-DARTS: at most this many skip-connects in the final normal cell, the weakest extra "
+        "ones replaced by their node's next-best op (0: no limit, the paper's derivation)",
+    )
+
+    hessian_eigen: int = _arg(
+        0,
+        "every this many epochs, the dominant eigenvalue of the Hessian of the validation loss "
+        "w.r.t. the alphas (Zela et al.; 0: never)",
+    )
+    early_stop: str = _arg(
+        "none",
+        "none | skip (DARTS+: stop when the normal cell holds 2 skip-connects) | eigen "
+        "(DARTS-ES: stop when the windowed eigenvalue rises, return the genotype of 5 "
+        "evaluations earlier; needs --hessian_eigen)",
+    )
+
     def check(self) -> None:
         super().check()
         _positive(self, "nodes")
+        if self.hessian_eigen < 0:
+            raise ConfigError(f"--hessian_eigen must be >= 0 (0: never), got {self.hessian_eigen}")
+        if self.early_stop not in EARLY_STOP_RULES:
+            raise ConfigError(
+                f"--early_stop must be {', '.join(EARLY_STOP_RULES)}, got {self.early_stop!r}"
+            )
+        if self.early_stop == "eigen" and not self.hessian_eigen:
+            raise ConfigError("--early_stop eigen needs the eigenvalue: give --hessian_eigen N")
+        if self.max_skip < 0:
+            raise ConfigError(f"--max_skip must be >= 0 (0: no limit), got {self.max_skip}")
         if self.nodes > MAX_NODES:  # the genotype it prints must be readable back
             raise ConfigError(f"--nodes must be at most {MAX_NODES}, got {self.nodes}")
         if self.hessian not in HESSIAN_MODES:

@@ -101,6 +101,42 @@ def parse(alpha: Iterable[torch.Tensor], k: int = 2) -> list[list[tuple[str, int
     return gene
 
 
+def parse_max_skip(
+    alpha: Iterable[torch.Tensor], max_skip: int, k: int = 2
+) -> tuple[list[list[tuple[str, int]]], int]:
+    """:func:`parse` with at most ``max_skip`` skip-connects in the cell (P-DARTS, Chen et al.
+    2019; DARTS.md section 9). Where :func:`parse` keeps more, the ``max_skip`` with the largest
+    softmax weight stay; each node that loses one takes instead its next-best (input, op) pair
+    by softmax weight among the inputs it does not use yet, other than ``none`` and
+    ``skip_connect``. Returns the cell and the number of skip-connects replaced (0: the cell is
+    :func:`parse`'s)."""
+    alpha = [a.detach().float() for a in alpha]
+    gene = parse(alpha, k)
+    skip = PRIMITIVES.index("skip_connect")
+    weights = [F.softmax(a, dim=-1) for a in alpha]  # (2 + i, n_ops) per node i
+    # (softmax weight, node, position in the node) of every skip-connect the cell keeps
+    skips = [
+        (float(weights[n][e, skip]), n, j)
+        for n, node in enumerate(gene)
+        for j, (op, e) in enumerate(node)
+        if op == "skip_connect"
+    ]
+    if len(skips) <= max_skip:
+        return gene, 0
+    skips.sort(key=lambda s: -s[0])  # strongest first; ties keep the node order (stable)
+    banned = [PRIMITIVES.index("none"), skip]
+    for _, n, j in skips[max_skip:]:
+        w = weights[n].clone()
+        w[:, banned] = -1.0
+        for pos, (_, e) in enumerate(gene[n]):
+            if pos != j:
+                w[e] = -1.0  # an input the node already uses
+        flat = int(torch.argmax(w))  # row-major: (input, op)
+        e, op = divmod(flat, w.shape[1])
+        gene[n][j] = (PRIMITIVES[op], e)
+    return gene, len(skips) - max_skip
+
+
 def to_str(genotype: Genotype) -> str:
     """The nested one-line form the search prints and :func:`from_str` reads back."""
     return repr(canonical(genotype))

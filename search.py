@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset, SubsetRandomSampler
 
+import collapse
 import engine
 import genotypes as gt
 from architect import Architect
@@ -164,6 +165,7 @@ def write_history(run: engine.Run, can_plot: bool) -> None:
     epoch = last["epoch"]
     visualize.plot_curves(history, os.path.join(plots, "curves.png"), "val")
     visualize.plot_op_weights(alphas, gt.PRIMITIVES, os.path.join(plots, "op_weights.png"))
+    visualize.plot_skip_counts(history, os.path.join(plots, "skip_counts.png"))
     for kind in ("normal", "reduce"):
         title = f"{kind} cell, epoch {epoch}"
         png = os.path.join(plots, f"epoch_{epoch:03d}-alphas-{kind}.png")
@@ -188,6 +190,23 @@ def log_alphas(run: engine.Run, model: SearchCNNController, epoch: int) -> dict[
             run.logger.info(f"  {kind} node {i + gt.N_INPUT_NODES}:\n{a.numpy().round(3)}")
     run.logger.info(f"Epoch {epoch}: genotype = {gt.to_str(model.genotype())}")
     return {k: [a.tolist() for a in v] for k, v in alphas.items()}
+
+
+def derive_final(
+    normal: Sequence[torch.Tensor], reduce: Sequence[torch.Tensor], max_skip: int
+) -> tuple[gt.Genotype, str]:
+    """The final genotype from the alphas of the two cell types (or their logarithms: the
+    derivation only sees their softmax), with ``--max_skip`` applied to the normal cell when
+    set. Returns it and a note for the genotype line ("" when no constraint applied)."""
+    concat = range(gt.N_INPUT_NODES, gt.N_INPUT_NODES + len(normal))
+    note = ""
+    if max_skip:
+        cell, replaced = gt.parse_max_skip(normal, max_skip, k=2)
+        if replaced:
+            note = f" (--max_skip {max_skip}: {replaced} skip-connect(s) replaced)"
+    else:
+        cell = gt.parse(normal, k=2)
+    return gt.Genotype(cell, concat, gt.parse(reduce, k=2), concat), note
 
 
 def run(cfg: SearchConfig) -> gt.Genotype:
@@ -222,6 +241,27 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names)
         run.extra = {"best_top1": -1.0, "best_genotype": ""}
         run.track(model=model, w_optim=w_optim, alpha_optim=alpha_optim, scheduler=scheduler)
+        # --hessian_eigen: the probe's fixed batches, un-augmented images of the alpha half
+        # chosen by the seed (the same in a resumed run; no random stream is touched).
+        probe = None
+        if cfg.hessian_eigen:
+            with torch.random.fork_rng(devices=[]):
+                plain = get_dataset(
+                    cfg.dataset, cfg.data_path, train=True, augment=False,
+                    image_size=cfg.image_size, normalize=cfg.normalize,
+                )  # fmt: skip
+                batches = collapse.fixed_batches(
+                    plain, list(valid_loader.sampler.indices), cfg.seed,
+                    collapse.EIGEN_BATCHES, cfg.batch_size, run.device,
+                )  # fmt: skip
+            probe = collapse.HessianProbe(batches, cfg.seed)
+        stopped = run.resumed.get("early_stop") if run.resumed is not None else None
+        if stopped:
+            run.extra["early_stop"] = stopped
+            run.logger.info(
+                f"This run stopped early at epoch {stopped['epoch']} (--early_stop "
+                f"{cfg.early_stop}): it has finished; nothing to resume"
+            )
         can_plot = visualize.dot_available()
         if not can_plot:
             run.logger.warning(
@@ -237,7 +277,7 @@ def run(cfg: SearchConfig) -> gt.Genotype:
             return loss, logits, trn[1]
 
         loaders = engine.Paired(train_loader, valid_loader)
-        for epoch in run.epochs():
+        for epoch in [] if stopped else run.epochs():
             lr = float(scheduler.get_last_lr()[0])
             train = engine.train_one_epoch(run, step, loaders, epoch)
             scheduler.step()
@@ -252,18 +292,53 @@ def run(cfg: SearchConfig) -> gt.Genotype:
                 if held["top1"] > run.extra["best_top1"]:
                     run.extra["best_top1"] = held["top1"]
                     run.extra["best_genotype"] = genotype
+            record.update(collapse.cell_stats(model.genotype()))  # always on: the skip count
+            if probe is not None and epoch % cfg.hessian_eigen == 0:
+                eig = probe(model, epoch)
+                record["hessian_eigen"] = eig.value
+                record["hessian_eigen_time"] = eig.seconds  # its cost, next to the epoch's time
+                run.logger.info(
+                    f"Epoch {epoch}: dominant eigenvalue of the alpha Hessian = {eig.value:.6g} "
+                    f"({eig.products} Hessian-vector products, {eig.seconds:.2f}s)"
+                )
             record["genotype"] = genotype
+            stop = collapse.stop_decision(cfg.early_stop, [*run.history, record])
+            if stop is not None:
+                run.extra["early_stop"] = stop.to_dict()  # the checkpoint records the stop
             files = lambda: write_history(run, can_plot)  # noqa: E731
             engine.log_skipped_files(run, train_loader)
             run.end_epoch(record, {"alphas": alphas}, write_files=files)
+            if stop is not None:
+                stopped = run.extra["early_stop"]
+                break
 
         run.check_replicas("weights, alphas and BN statistics")
-        final = model.genotype()
+        normal, reduce = list(model.alpha_normal), list(model.alpha_reduce)
+        if stopped:
+            # The genotype of the epoch the rule names, from its softmaxed alphas in the history
+            # (the derivation only sees the softmax, and softmax(log p) = p).
+            (row,) = [h for h in run.history if h["epoch"] == stopped["final_epoch"]]
+            normal, reduce = (
+                [torch.tensor(a).log() for a in row["alphas"][k]] for k in ("normal", "reduce")
+            )
+        final, note = derive_final(normal, reduce, cfg.max_skip)
+        if stopped:
+            line = (
+                f"Early stop at epoch {stopped['epoch']} of {cfg.epochs} (--early_stop "
+                f"{cfg.early_stop}): {stopped['reason']}; the final genotype is epoch "
+                f"{stopped['final_epoch']}'s"
+            )
+            run.logger.info(line)
+            if run.is_main:
+                print(line)
+            note = f" (epoch {stopped['final_epoch']}, early stop){note}"
         if not run.is_main:
             return final
         with open(run.path("genotype.txt"), "w") as f:
             f.write(gt.to_str(final) + "\n")
-        print(f"Final genotype = {gt.to_str(final)}")
+        if note:
+            run.logger.info(f"Final genotype{note}")
+        print(f"Final genotype{note} = {gt.to_str(final)}")
         if select_loader is not None:
             best = run.extra["best_genotype"]
             run.logger.info(

@@ -355,6 +355,51 @@ def plot_op_weights(history: Sequence[dict], primitives: Sequence[str], out_path
 # --------------------------------------------------------------------------------------------
 # Metrics and curves
 # --------------------------------------------------------------------------------------------
+def _by_epoch(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Metrics rows by epoch; with several rows for one epoch (a resumed run) the last wins."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for k, row in enumerate(rows):
+        by_epoch[int(row.get("epoch", k + 1))] = dict(row)
+    return by_epoch
+
+
+def _number(row: dict[str, Any], key: str) -> bool:
+    return isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
+
+
+def plot_skip_counts(rows: Sequence[dict[str, Any]], out_path: str) -> str | None:
+    """The skip-connect count of each epoch's normal and reduce genotypes (metrics keys
+    ``normal_skip`` / ``reduce_skip``) against the epoch: the collapse of DARTS shows as the
+    normal cell filling with skips. None (nothing drawn) when no row holds the counts."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    by_epoch = _by_epoch(rows)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    drawn = False
+    for kind in ("normal", "reduce"):
+        points = [
+            (e, int(r[f"{kind}_skip"]))
+            for e, r in sorted(by_epoch.items())
+            if _number(r, f"{kind}_skip")
+        ]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, drawstyle="steps-mid", label=kind)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("skip-connects in the derived cell")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, out_path)
+
+
 def plot_curves(rows: Sequence[dict[str, Any]], out_path: str, held_out: str) -> str:
     """Loss and top-1 (a fraction in [0, 1]) against the epoch for the training split and the
     ``held_out`` one ("val": search's selection split, "test": augment), from metrics rows.
@@ -363,12 +408,23 @@ def plot_curves(rows: Sequence[dict[str, Any]], out_path: str, held_out: str) ->
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for k, row in enumerate(rows):
-        by_epoch[int(row.get("epoch", k + 1))] = dict(row)
+    by_epoch = _by_epoch(rows)
     epochs = sorted(by_epoch)
-    fig = Figure(figsize=(10, 4), dpi=100)
-    axes = fig.subplots(1, 2)
+    # A third axis for the dominant Hessian eigenvalue (search --hessian_eigen), when measured.
+    eigen = [
+        (e, float(by_epoch[e]["hessian_eigen"]))
+        for e in epochs
+        if _number(by_epoch[e], "hessian_eigen")
+    ]
+    fig = Figure(figsize=(15 if eigen else 10, 4), dpi=100)
+    axes = fig.subplots(1, 3 if eigen else 2)
+    if eigen:
+        ax = axes[2]
+        xs, ys = zip(*eigen)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, color="tab:red")
+        ax.set_xlabel("epoch")
+        ax.set_title("dominant eigenvalue of the alpha Hessian")
+        ax.grid(alpha=0.3)
     for ax, metric in zip(axes, ("loss", "top1")):
         for split in ("train", held_out):
             key = f"{split}_{metric}"

@@ -165,12 +165,10 @@ class Architect:
     ) -> list[torch.Tensor]:
         # eps = 0.01 / ||dw|| (paper, footnote to eq. 8). The weights at w +- eps * dw are
         # plain tensors: no weight gradient is computed in these two passes, only alpha's.
-        eps = (
-            self.fd_scale
-            / torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(d) for d in dw])
-            ).item()
-        )
+        # eps stays a 0-d device tensor (no host-device synchronisation), in float64 as the
+        # Python float it once was, so the shifts w +- eps * dw' round as they did.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in dw]))
+        eps = self.fd_scale / norm.double()
         grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():

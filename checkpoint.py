@@ -26,6 +26,7 @@ LOCK = ".lock"
 RESUMABLE_CHANGES = {
     "resume",
     "memory_format",
+    "kernels",
     "workers",
     "print_freq",
     "device",

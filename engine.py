@@ -51,6 +51,7 @@ from checkpoint import (
     set_rng_state,
     stop_signals_held,
 )
+from models.kernels import set_kernels
 from utils import (
     ConfigError,
     Meters,
@@ -81,6 +82,7 @@ class StageConfig(Protocol):
     no_progress: bool
     resume: bool
     memory_format: str
+    kernels: str
 
     def gpu_ids(self) -> list[int] | None: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -159,6 +161,7 @@ class Run:
     def open(cls, cfg: StageConfig, root: str, stage: str) -> Run:
         """Join the process group, pick the device and check the run folder against
         ``--resume``. Writes nothing: bad input stops before the folder exists."""
+        set_kernels(cfg.kernels)  # the models' formulations, for the whole process
         info, device = distributed.init_distributed(cfg.device, cfg.gpu_ids())
         run_dir = os.path.join(root, cfg.name)
         defaults = type(cfg)().to_dict()  # type: ignore[call-arg]

@@ -19,15 +19,59 @@ against its twin, in float64 (values and gradients):
 
 Nothing here knows about DARTS: models/ops.py and the networks import from this module, never
 the other way round.
+
+**One switch** (``--kernels`` of the scripts, :func:`set_kernels`) chooses between these
+formulations and their plain twins: ``plain`` computes every function here by its twin (no
+centring, no pixel phases, no custom weight gradient, no gradient copy); ``fast`` takes the
+formulations above on every device; ``auto`` (the default) takes them on CPU tensors, where they
+were measured to pay, and the plain twins elsewhere (CUDA). :func:`fast_kernels` says which
+applies to a tensor. The plain path is the reference the fast one is tested against.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# The switch
+# --------------------------------------------------------------------------------------------
+KERNEL_MODES = ("auto", "fast", "plain")
+_mode = "auto"
+
+
+def set_kernels(mode: str) -> None:
+    """Choose the formulations of this module for the whole process: auto | fast | plain."""
+    global _mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    _mode = mode
+
+
+def get_kernels() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Within the block, :func:`set_kernels` ``mode``; the previous mode afterwards."""
+    previous = _mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(previous)
+
+
+def fast_kernels(x: torch.Tensor) -> bool:
+    """Whether the fast formulations apply to ``x``: ``fast``, or ``auto`` on a CPU tensor."""
+    return _mode == "fast" or (_mode == "auto" and x.device.type == "cpu")
+
 
 # --------------------------------------------------------------------------------------------
 # Batch norm, accurate on channels-last CPU tensors, with an optional scale folded in
@@ -44,7 +88,7 @@ def centers_batch(x: torch.Tensor) -> bool:
     mean (an accurate torch.sum) first changes nothing but the rounding: back to 0.9e-3, for
     about 6% of a weight step."""
     return (
-        x.device.type == "cpu"
+        fast_kernels(x)
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not x.is_contiguous()
@@ -145,7 +189,7 @@ class _DenseGrad(torch.autograd.Function):
 
 def dense_grad(x: torch.Tensor) -> torch.Tensor:
     """``x``, with its gradient made dense in ``x``'s memory format (see :class:`_DenseGrad`)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not (torch.is_grad_enabled() and x.requires_grad and fast_kernels(x)):
         return x
     return cast(torch.Tensor, _DenseGrad.apply(x))
 
@@ -252,7 +296,7 @@ def from_phases(y: torch.Tensor) -> torch.Tensor:
 
 def phases_apply(x: torch.Tensor, stride: int) -> bool:
     """Whether a dilation-2 depthwise conv of ``x`` at ``stride`` runs on pixel phases."""
-    return stride == 1 and x.device.type == "cpu" and x.shape[-1] % 2 == x.shape[-2] % 2 == 0
+    return stride == 1 and fast_kernels(x) and x.shape[-1] % 2 == x.shape[-2] % 2 == 0
 
 
 def depthwise_conv2d(
@@ -268,12 +312,14 @@ def depthwise_conv2d(
     gradient of :class:`_WideDepthwiseConv`.
     """
     k = weight.shape[-1]
+    if not fast_kernels(x):
+        return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
     if dilation == 2 and padding == k - 1 and k % 2:
         if stride == 2:
             x, stride, padding, dilation = x[:, :, ::2, ::2], 1, (k - 1) // 2, 1
         elif phases_apply(x, stride):
             return from_phases(depthwise_conv2d(to_phases(x), weight, 1, (k - 1) // 2, 1))
-    if dilation == 1 and weight.shape[-1] > 3 and x.device.type == "cpu":
+    if dilation == 1 and weight.shape[-1] > 3:
         if not torch.is_autocast_enabled(x.device.type):
             return cast(torch.Tensor, _WideDepthwiseConv.apply(x, weight, stride, padding))
     return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])

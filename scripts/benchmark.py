@@ -102,6 +102,12 @@ def get_parser() -> argparse.ArgumentParser:
         choices=("channels_last", "contiguous"),
         help="memory format of the networks and their inputs",
     )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "fast", "plain"),
+        help="the models' formulations, as the scripts' --kernels (auto: fast on the CPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--only",
@@ -170,6 +176,12 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     from models.search_cnn import SearchCNNController
 
     s, a = SearchConfig(), AugmentConfig()  # the scripts' defaults (the paper's)
+    try:
+        from models.kernels import set_kernels
+    except ImportError:  # a checkout from before --kernels: its only formulation
+        pass
+    else:
+        set_kernels(args.kernels)
 
     shape = _shape(args, figure)
     torch.manual_seed(args.seed)
@@ -297,6 +309,7 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "memory_format": args.memory_format,
+        "kernels": args.kernels,
         "input": f"{shape['batch']}x3x{args.size}x{args.size}",
         "batch": shape["batch"],
         "size": args.size,
@@ -383,7 +396,7 @@ def count_ops(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device),
         "torch": torch.__version__,
         "memory_format": args.memory_format,
-        "kernels": getattr(args, "kernels", "auto"),
+        "kernels": args.kernels,
         "input": f"{shape['batch']}x3x{args.size}x{args.size}",
         "batch": shape["batch"],
         "size": args.size,
@@ -409,6 +422,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{r['figure']:<19} {r['seconds']:8.3f} s/step  {what} {mem:6.2f} GiB  "
         f"(median of {r['steps']} after {r['warmup']} warm-up; {r['device']}, "
         f"PyTorch {r['torch']}, {r['threads']} threads, {r['dtype']}, {r['memory_format']}, "
+        f"--kernels {r['kernels']}, "
         f"input {r['input']}, C={r['channels']}, {r['layers']} layers, "
         f"load {r['load_before']:.2f}->{r['load_after']:.2f})"
     )

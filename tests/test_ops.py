@@ -79,7 +79,7 @@ CL = torch.channels_last
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last):
-    from models.kernels import depthwise_conv2d
+    from models.kernels import depthwise_conv2d, use_kernels
 
     torch.manual_seed(0)
     fmt = CL if channels_last else torch.contiguous_format
@@ -88,8 +88,11 @@ def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last
     x.requires_grad_()
     w.requires_grad_()
     padding = dilation * (k - 1) // 2
-    ref = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3)
-    out = depthwise_conv2d(x, w, stride, padding, dilation)
+    with use_kernels("plain"):  # the reference: the plain twin, through the switch
+        ref = depthwise_conv2d(x, w, stride, padding, dilation)
+    assert torch.equal(ref, torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3))
+    with use_kernels("fast"):
+        out = depthwise_conv2d(x, w, stride, padding, dilation)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
@@ -342,3 +345,66 @@ def test_channels_last_supernet_keeps_parameters_and_values():
     grads_cl = torch.autograd.grad(loss_cl, list(net_cl.parameters()))
     for a, b in zip(grads, grads_cl):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# --kernels: the fast networks against the plain ones, through the switch
+# --------------------------------------------------------------------------------------------
+def test_kernels_switch_chooses_by_mode_and_device():
+    from models.kernels import fast_kernels, get_kernels, set_kernels, use_kernels
+
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")  # meta: a tensor not on the CPU
+    assert get_kernels() == "auto" and fast_kernels(cpu) and not fast_kernels(meta)
+    with use_kernels("fast"):
+        assert fast_kernels(cpu) and fast_kernels(meta)
+    with use_kernels("plain"):
+        assert not fast_kernels(cpu) and not fast_kernels(meta)
+    assert get_kernels() == "auto"
+    with pytest.raises(ValueError, match="kernels must be one of auto, fast, plain"):
+        set_kernels("quick")
+
+
+def _loss_grads_buffers(net, X, y, mode):
+    from models.kernels import use_kernels
+
+    with use_kernels(mode):
+        out = net(X)
+        outs = out if isinstance(out, tuple) else (out,)  # the augment net: (logits, aux)
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs)
+        grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+    return loss, grads, [b.clone() for b in net.buffers()]
+
+
+@pytest.mark.parametrize("network", ["search", "augment"])
+def test_fast_kernels_compute_the_plain_networks(network):
+    """float64, training mode, channels-last on the CPU (where every fast path applies):
+    --kernels fast gives the loss, every gradient (weights and alphas) and the BN statistics
+    of --kernels plain."""
+    import copy
+
+    import torch.nn as nn
+
+    import genotypes as gt
+    from models.augment_cnn import AugmentCNN
+    from models.search_cnn import SearchCNNController
+
+    torch.manual_seed(0)
+    if network == "search":
+        net = SearchCNNController(3, 4, 10, 3, nn.CrossEntropyLoss())
+        with torch.no_grad():
+            for a in net.alphas():
+                a.normal_(0, 0.5)
+    else:
+        net = AugmentCNN(8, 3, 4, 10, 3, True, gt.DARTS_V2)
+        net.drop_path_prob(0.0)
+    net = net.double().to(memory_format=CL).train()
+    plain = copy.deepcopy(net)
+    X = torch.randn(4, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+    loss, grads, buffers = _loss_grads_buffers(net, X, y, "fast")
+    loss_p, grads_p, buffers_p = _loss_grads_buffers(plain, X, y, "plain")
+    torch.testing.assert_close(loss, loss_p, rtol=1e-12, atol=0)
+    for a, b in zip(grads, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(buffers, buffers_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -179,3 +179,20 @@ def test_under_ddp_every_process_stops_at_the_same_read(monkeypatch, tmp_path):
         engine.train_one_epoch(run, make_step([1.0] * 6, ran), [(torch.zeros(1),)] * 6, epoch=1)
     assert len(ran) == 3 and len(calls) == 2
     assert calls[0][3] == 0.0 and calls[0][4] == 2.0  # this process's flag and sample count
+
+
+def test_kernels_flag_reaches_the_models(monkeypatch, tmp_path):
+    """--kernels is checked by the config and set for the process when the run opens."""
+    from config import SearchConfig
+    from models.kernels import get_kernels, set_kernels
+    from utils import ConfigError
+
+    with pytest.raises(ConfigError, match="--kernels must be auto | fast | plain, got 'gpu'"):
+        SearchConfig.from_argv(["--name", "k", "--dataset", "digits", "--kernels", "gpu"])
+    cfg = SearchConfig.from_argv(["--name", "k", "--dataset", "digits", "--kernels", "plain"])
+    monkeypatch.chdir(tmp_path)
+    try:
+        engine.Run.open(cfg, "searchs", "search")
+        assert get_kernels() == "plain"
+    finally:
+        set_kernels("auto")

@@ -73,6 +73,25 @@ def fast_kernels(x: torch.Tensor) -> bool:
     return _mode == "fast" or (_mode == "auto" and x.device.type == "cpu")
 
 
+_stats_frozen = False
+
+
+@contextlib.contextmanager
+def running_stats_frozen() -> Iterator[None]:
+    """Within the block the BNs of this module (:func:`scaled_batch_norm`,
+    :class:`BatchNorm2d`) leave their running statistics and batch counter untouched. In
+    training mode a BN normalises by the batch's statistics either way, so every value and
+    gradient is what it would be: only the update of the buffers is left out. The Architect's
+    extra passes run so, instead of saving and restoring every buffer of the supernet."""
+    global _stats_frozen
+    previous = _stats_frozen
+    _stats_frozen = True
+    try:
+        yield
+    finally:
+        _stats_frozen = previous
+
+
 # --------------------------------------------------------------------------------------------
 # Batch norm, accurate on channels-last CPU tensors, with an optional scale folded in
 # --------------------------------------------------------------------------------------------
@@ -122,13 +141,14 @@ def scaled_batch_norm(
                 "scaled_batch_norm folds the scale into a BN without affine parameters"
             )
         weight = scale.expand(x.shape[1]).contiguous()  # a stride-0 weight takes a slow kernel
-    # nn.BatchNorm2d.forward's bookkeeping, unchanged.
+    # nn.BatchNorm2d.forward's bookkeeping, unchanged (none within running_stats_frozen()).
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    frozen = _stats_frozen and bn.training
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and not frozen:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    stats = not bn.training or bn.track_running_stats
+    stats = (not bn.training or bn.track_running_stats) and not frozen
     running_mean = bn.running_mean if stats else None
     shift = None
     if training and centers_batch(x):

@@ -408,3 +408,21 @@ def test_fast_kernels_compute_the_plain_networks(network):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for a, b in zip(buffers, buffers_p):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_running_stats_frozen_leaves_the_buffers_and_changes_no_value():
+    import copy
+
+    from models.kernels import BatchNorm2d, running_stats_frozen, scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3, affine=False).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    ref = copy.deepcopy(bn)
+    w = torch.tensor(0.3, dtype=torch.float64)
+    with running_stats_frozen():
+        out, scaled = bn(x), scaled_batch_norm(bn, x, w)
+    assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), ref.buffers()))
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(scaled, w * out, rtol=1e-15, atol=1e-15)
+    assert int(ref.num_batches_tracked) == 1  # outside the block the statistics move

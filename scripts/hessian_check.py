@@ -16,6 +16,7 @@ term next to the first-order part of the alpha gradient (what the term changes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
 from architect import Architect  # noqa: E402
 from config import SearchConfig  # noqa: E402
+from models.kernels import running_stats_frozen  # noqa: E402
 from models.search_cnn import SearchCNNController  # noqa: E402
 
 CFG = SearchConfig()  # the search defaults (the paper's): learning rates, momentum, decay
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     # The quantities of Architect.unrolled_backward, by its own steps.
     names, weights = zip(*model.named_weights())
     alphas = list(model.alphas())
+    # As in unrolled_backward, the passes leave the BN running statistics as they were.
+    frozen = contextlib.ExitStack()
+    frozen.enter_context(running_stats_frozen())
     _, dalpha, dw = architect._virtual_gradients(
         names, weights, alphas, trn_X, trn_y, val_X, val_y, LR, w_optim
     )
@@ -100,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def flat(ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.cat([t.flatten() for t in ts]).double()
 
-    snapshot = architect._buffers_snapshot()
     exact = flat(architect._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y))
-    architect._restore(snapshot)
     first = flat(dalpha)
     print(
         f"supernet C={args.channels}, {args.layers} layers, batch {args.batch}, {args.data} "
@@ -116,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     for scale in (float(s) for s in args.scales.split(",")):
         architect.fd_scale = scale
         finite = flat(architect._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y))
-        architect._restore(snapshot)
         cos = torch.nn.functional.cosine_similarity(finite, exact, dim=0).item()
         rel = ((finite - exact).norm() / exact.norm()).item()
         full_cos = torch.nn.functional.cosine_similarity(
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f"||finite - exact|| / ||exact|| = {rel:.3f}, cosine of the full alpha gradients "
             f"= {full_cos:.6f}"
         )
+    frozen.close()
     return 0
 
 

@@ -216,6 +216,9 @@ class Run:
         under their keyword; with ``--resume`` their state is restored here, with the history,
         the counters in :attr:`extra`, the global step and every RNG."""
         self.tracked = objects
+        upgrade = getattr(objects.get("model"), "upgrade_checkpoint", None)
+        if self.resumed is not None and upgrade is not None:
+            self.resumed = upgrade(self.resumed)  # a checkpoint of an older layout, converted
         if self.resumed is not None:
             for key, obj in objects.items():
                 obj.load_state_dict(self.resumed[key])

@@ -92,6 +92,36 @@ def running_stats_frozen() -> Iterator[None]:
         _stats_frozen = previous
 
 
+_batches_counted = False
+
+
+@contextlib.contextmanager
+def batches_counted(module: nn.Module) -> Iterator[None]:
+    """Add 1 to the batch counter (``num_batches_tracked``) of every BN of ``module`` in
+    training mode now, in one call, for a forward pass within the block in which each of them
+    runs once: the BNs of this module then leave their counters alone. The counters end as
+    each BN's own ``add_(1)`` would leave them, without one call per BN."""
+    global _batches_counted
+    counters = [
+        m.num_batches_tracked
+        for m in module.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        and m.training
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+    ]
+    if _stats_frozen or not counters:
+        yield
+        return
+    torch._foreach_add_(counters, 1)
+    previous = _batches_counted
+    _batches_counted = True
+    try:
+        yield
+    finally:
+        _batches_counted = previous
+
+
 # --------------------------------------------------------------------------------------------
 # Batch norm, accurate on channels-last CPU tensors, with an optional scale folded in
 # --------------------------------------------------------------------------------------------
@@ -122,12 +152,12 @@ def scaled_batch_norm(
 ) -> torch.Tensor:
     """``scale * bn(x)`` (``bn(x)`` for None), accurate on channels-last CPU tensors too.
 
-    The scale (a 0-dim tensor) is given to F.batch_norm as the affine weight of a BN without
-    affine parameters: the supernet's mixing weight w_o of an op ending in BN costs no extra
-    pass over the activations, and autograd keeps nothing more for its gradient (w * bn(x)
-    would keep bn(x)); BN's backward returns it. Batch statistics of a channels-last CPU tensor
-    are taken after centring it (:func:`centers_batch`). The running statistics are updated as
-    ``bn(x)`` updates them.
+    The scale (a 0-dim tensor, or one per channel) is given to F.batch_norm as the affine
+    weight of a BN without affine parameters: the supernet's mixing weight w_o of an op ending
+    in BN costs no extra pass over the activations, and autograd keeps nothing more for its
+    gradient (w * bn(x) would keep bn(x)); BN's backward returns it. Batch statistics of a
+    channels-last CPU tensor are taken after centring it (:func:`centers_batch`). The running
+    statistics are updated as ``bn(x)`` updates them.
 
     ``fresh``: ``x`` is a temporary that nothing else holds or saved for backward (the output
     of a conv or a pooling that only this BN reads), so it may be centred in place: no second
@@ -140,12 +170,16 @@ def scaled_batch_norm(
             raise ValueError(
                 "scaled_batch_norm folds the scale into a BN without affine parameters"
             )
-        weight = scale.expand(x.shape[1]).contiguous()  # a stride-0 weight takes a slow kernel
+        if scale.dim() == 1:  # one scale per channel (C,)
+            weight = scale
+        else:
+            weight = scale.expand(x.shape[1]).contiguous()  # stride 0 takes a slow kernel
     # nn.BatchNorm2d.forward's bookkeeping, unchanged (none within running_stats_frozen()).
     momentum = 0.0 if bn.momentum is None else bn.momentum
     frozen = _stats_frozen and bn.training
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and not frozen:
-        bn.num_batches_tracked.add_(1)
+        if not _batches_counted:
+            bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     stats = (not bn.training or bn.track_running_stats) and not frozen
@@ -153,21 +187,19 @@ def scaled_batch_norm(
     shift = None
     if training and centers_batch(x):
         with torch.no_grad():
-            shift = x.sum((0, 2, 3), keepdim=True).div_(x.numel() // x.shape[1])
+            shift = x.mean((0, 2, 3), keepdim=True)
         # The gradient of BN with respect to the shift is zero: it is a constant.
         x = x.sub_(shift) if fresh else x - shift
         if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
             running_mean = running_mean.clone()
-    out = F.batch_norm(
-        x,
-        running_mean,
-        bn.running_var if stats else None,
-        weight,
-        bias,
-        training,
-        momentum,
-        bn.eps,
-    )
+    running_var = bn.running_var if stats else None
+    if fast_kernels(x) and x.device.type == "cpu":
+        # What F.batch_norm calls on the CPU, without its extra calls (a reserve tensor)
+        out = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, bn.eps
+        )[0]
+    else:
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, bn.eps)
     if shift is not None and running_mean is not None and bn.running_mean is not None:
         with torch.no_grad():  # the copy was updated with the mean of x - shift
             torch.add(running_mean, shift.view(-1), alpha=momentum, out=bn.running_mean)

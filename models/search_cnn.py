@@ -108,8 +108,6 @@ class EdgeGroup(nn.Module):
         self.bn2 = BatchNorm2d(len(SEP_OPS) * E * C, affine=False)
         self.max_pool = nn.MaxPool2d(3, stride, 1)
         self.avg_pool = nn.AvgPool2d(3, stride, 1, count_include_pad=False)
-        # The parameter-free ops in the order of GroupWeights.free (stride 1: skip is identity).
-        self.free_ops = _POOLS + (("skip_connect",) if stride == 1 else ())
 
     def mixing(self, w: torch.Tensor) -> torch.Tensor:
         """w: (E, n_ops) softmax weights of the group's edges, in edge order. Returns

@@ -292,7 +292,7 @@ def _reference_edge(mixed, x, w):
 def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_last):
     """Training mode, float64: same output, gradients (input, weights, alphas) and BN
     statistics as the plain weighted sum, with relu(x) and its phases handed in by the caller
-    (as SearchCell does) or not."""
+    (as the per-edge supernet cell did) or not."""
     import copy
 
     from models.kernels import phases_apply, to_phases

@@ -16,9 +16,14 @@ computed in float32 even under autocast: the shift eps * dw' is about 1e-5 of a 
 bfloat16's resolution, and the difference of two nearly equal gradients would be rounding noise.
 
 The virtual step is taken with ``torch.func.functional_call`` on tensors of virtual weights, so
-the network is never copied and its parameters are never written: the weights, and the batch-norm
-running statistics that the extra forward passes would update, are exactly as they were after
-the call.
+the network is never copied and its parameters are never written; the passes run within
+:func:`models.kernels.running_stats_frozen`, so the batch-norm running statistics are not
+updated either: the network is exactly as it was after the call.
+
+The per-parameter arithmetic (virtual step, finite-difference shifts, the final combination) is
+one ``torch._foreach_*`` call per operation over all tensors, each operation the one the
+formula writes, in its order: the same roundings as a loop over the parameters, in a few calls
+instead of a few per parameter.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch.func import functional_call
 
 from config import HESSIAN_MODES
 from distributed import all_reduce_mean, tf32_disabled
+from models.kernels import running_stats_frozen
 from models.search_cnn import SearchCNNController
 
 FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
@@ -63,26 +69,16 @@ class Architect:
         """Loss of the network with some of its parameters replaced by ``params``."""
         return self.net.criterion(functional_call(self.net, params, (X,)), y)
 
-    def _buffers_snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(b, b.clone()) for b in self.net.buffers()]
-
-    @staticmethod
-    def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for b, saved in snapshot:
-                b.copy_(saved)
-
     # ----------------------------------------------------------------------------------------
     def first_order_backward(self, val_X: torch.Tensor, val_y: torch.Tensor) -> torch.Tensor:
         """alpha.grad = grad_alpha L_val(w, alpha) (the xi = 0 variant). Weight grads untouched."""
-        snapshot = self._buffers_snapshot()
         alphas = list(self.net.alphas())
-        loss = self.net.loss(val_X, val_y)
+        with running_stats_frozen():
+            loss = self.net.loss(val_X, val_y)
         grads = torch.autograd.grad(loss, alphas)
         all_reduce_mean(grads)  # DDP: every process takes the same architecture step
         for a, g in zip(alphas, grads):
             a.grad = g
-        self._restore(snapshot)
         return loss.detach()
 
     def unrolled_backward(
@@ -97,25 +93,26 @@ class Architect:
         """Set ``alpha.grad`` to the second-order DARTS gradient; return the validation loss
         L_val(w', alpha). ``xi`` is the current weight learning rate; ``w_optim`` the SGD
         optimizer of the weights, whose momentum buffers enter the virtual step."""
-        snapshot = self._buffers_snapshot()
         names, weights = zip(*self.net.named_weights())
         alphas = list(self.net.alphas())
-        val_loss, dalpha, dw = self._virtual_gradients(
-            names, weights, alphas, trn_X, trn_y, val_X, val_y, xi, w_optim
-        )
+        with running_stats_frozen():
+            val_loss, dalpha, dw = self._virtual_gradients(
+                names, weights, alphas, trn_X, trn_y, val_X, val_y, xi, w_optim
+            )
 
-        # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original weights,
-        # in float32 proper: no autocast, no TF32 (see distributed.tf32_disabled).
-        with torch.autocast(trn_X.device.type, enabled=False), tf32_disabled():
-            if self.hessian == "exact":
-                hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
-            else:
-                hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
+            # 3. Hessian-vector product grad2_{alpha,w} L_trn(w, alpha) . dw at the original
+            # weights, in float32 proper: no autocast, no TF32 (see distributed.tf32_disabled).
+            with torch.autocast(trn_X.device.type, enabled=False), tf32_disabled():
+                if self.hessian == "exact":
+                    hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
+                else:
+                    hessian = self._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y)
 
         all_reduce_mean(hessian)  # linear in the gradients: the mean of the processes' terms
-        for a, da, h in zip(alphas, dalpha, hessian):
-            a.grad = da - xi * h
-        self._restore(snapshot)
+        # alpha.grad = dalpha - xi * h
+        torch._foreach_mul_(hessian, xi)
+        for a, g in zip(alphas, torch._foreach_sub(dalpha, hessian)):
+            a.grad = g
         return val_loss.detach()
 
     def _virtual_gradients(
@@ -140,18 +137,22 @@ class Architect:
             g_trn = torch.autograd.grad(loss, weights)
         all_reduce_mean(g_trn)  # DDP: the same virtual step in every process
         with torch.no_grad():
-            w_virtual = []
-            for w, g in zip(weights, g_trn):
-                buf = w_optim.state.get(w, {}).get("momentum_buffer")
-                step = g + self.w_weight_decay * w
-                if buf is not None:
-                    step = step + self.w_momentum * buf
-                w_virtual.append((w - xi * step).requires_grad_())
-        del g_trn, loss
+            step = torch._foreach_mul(weights, self.w_weight_decay)  # wd * w
+            torch._foreach_add_(step, g_trn)  # g + wd * w
+            bufs = [w_optim.state.get(w, {}).get("momentum_buffer") for w in weights]
+            with_buf = [i for i, b in enumerate(bufs) if b is not None]  # all after a step
+            if with_buf:
+                momentum = torch._foreach_mul([bufs[i] for i in with_buf], self.w_momentum)
+                torch._foreach_add_([step[i] for i in with_buf], momentum)  # + m * buf
+            torch._foreach_mul_(step, xi)
+            w_virtual = torch._foreach_sub(weights, step)  # w - xi * step
+        for w in w_virtual:
+            w.requires_grad_()
+        del g_trn, loss, step
 
         # 2. dalpha = grad_alpha L_val(w', alpha), dw' = grad_w' L_val(w', alpha).
         val_loss = self._loss(dict(zip(names, w_virtual)), val_X, val_y)
-        grads = torch.autograd.grad(val_loss, alphas + w_virtual)
+        grads = torch.autograd.grad(val_loss, [*alphas, *w_virtual])
         all_reduce_mean(grads)
         return val_loss, grads[: len(alphas)], grads[len(alphas) :]
 
@@ -166,18 +167,23 @@ class Architect:
     ) -> list[torch.Tensor]:
         # eps = 0.01 / ||dw|| (paper, footnote to eq. 8). The weights at w +- eps * dw are
         # plain tensors: no weight gradient is computed in these two passes, only alpha's.
-        # A zero dw (a loss flat in w, e.g. one class) gives eps = 0.01 / tiny, finite: both
+        # eps stays a 0-d device tensor (no host-device synchronisation), in float64 as the
+        # Python float it once was, so the shifts w +- eps * dw' round as they did. A zero dw (a
+        # loss flat in w, e.g. one class) gives eps = 0.01 / tiny, finite in dw's dtype: both
         # shifts are then w itself and the term is exactly 0 instead of 0 / 0.
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in dw]))
-        eps = self.fd_scale / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        eps = self.fd_scale / norm.clamp_min(torch.finfo(norm.dtype).tiny).double()
         grads = []
         for sign in (1.0, -1.0):
-            with torch.no_grad():
-                w_shift = {n: w + sign * eps * d for n, w, d in zip(names, weights, dw)}
+            with torch.no_grad():  # w +- eps * dw'; eps cast as a Python float would be
+                shift = torch._foreach_mul(dw, (sign * eps).to(dw[0].dtype))
+                w_shift = dict(zip(names, torch._foreach_add(weights, shift)))
             loss = self._loss(w_shift, trn_X, trn_y)
             grads.append(torch.autograd.grad(loss, alphas))
-            del w_shift, loss
-        return [(gp - gn) / (2.0 * eps) for gp, gn in zip(*grads)]
+            del w_shift, shift, loss
+        hessian = torch._foreach_sub(list(grads[0]), list(grads[1]))  # (gp - gn) / (2 eps)
+        torch._foreach_div_(hessian, (2.0 * eps).to(hessian[0].dtype))
+        return list(hessian)
 
     def _exact_hessian_vector_product(
         self,

@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = {
     "resume",
     "memory_format",
     "allow_tf32",
+    "kernels",
     "workers",
     "print_freq",
     "device",

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import official
 from distributed import parse_gpus
 from genotypes import MAX_NODES
+from models.kernels import KERNEL_MODES
 from preproc import DATASETS, FOLDER_DATASETS
 from utils import ConfigError
 
@@ -59,6 +60,12 @@ class BaseConfig:
         "channels_last",
         "channels_last | contiguous: layout of the activations (channels_last is about twice "
         "as fast on CPUs; the values are the same up to float rounding)",
+    )
+    kernels: str = _arg(
+        "auto",
+        "auto | fast | plain: the CPU formulations of models/kernels.py (fast) or their plain "
+        "twins, the paper's modules (plain); auto: fast on the CPU, plain on CUDA. The same "
+        "values up to float rounding",
     )
     # Declared here for the shared checks; each script sets its own defaults below.
     batch_size: int = _arg(64, "batch size")
@@ -168,6 +175,8 @@ class BaseConfig:
                 f"--image_size applies to image folders ({', '.join(FOLDER_DATASETS)}), as a "
                 f"positive side, got {self.image_size} for {self.dataset}"
             )
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"--kernels must be {' | '.join(KERNEL_MODES)}, got {self.kernels!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(
                 f"--memory_format must be {' or '.join(MEMORY_FORMATS)}, got {self.memory_format!r}"

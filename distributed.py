@@ -270,14 +270,12 @@ def all_reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
     if world_size() == 1:
         return
     tensors = list(tensors)
+    # One flat buffer, one collective, one copy back (torch._foreach_copy_) for all tensors.
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+    parts = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [p.view_as(t) for p, t in zip(parts, tensors)])
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -6,7 +6,8 @@ lines; everything around them lives here, once:
 * :class:`Run`: the run's set-up (device and process group, run folder and its lock, logger,
   tensorboard writer, resume state) and its end-of-epoch bookkeeping (tensorboard, JSON lines,
   atomic checkpoint);
-* :func:`train_one_epoch`: the epoch loop around a step function, with the non-finite stop;
+* :func:`train_one_epoch`: the epoch loop around a step function, its metrics kept on the
+  device and read every ``--print_freq`` steps, with the non-finite stop;
 * :func:`evaluate`: loss, top-1 and top-5 over a loader, summed over the DDP shards;
 * :func:`data_loader`: a DataLoader whose workers leave SIGTERM / SIGINT to the main process;
 * :func:`script_main`: the command-line frame (one-line errors, exit statuses, ``--gpus``).
@@ -54,6 +55,7 @@ from checkpoint import (
     set_rng_state,
     stop_signals_held,
 )
+from models.kernels import set_kernels
 from utils import (
     ConfigError,
     Meters,
@@ -85,6 +87,7 @@ class StageConfig(Protocol):
     resume: bool
     memory_format: str
     allow_tf32: bool
+    kernels: str
 
     def gpu_ids(self) -> list[int] | None: ...
     def to_dict(self) -> dict[str, Any]: ...
@@ -163,6 +166,7 @@ class Run:
     def open(cls, cfg: StageConfig, root: str, stage: str) -> Run:
         """Join the process group, pick the device and check the run folder against
         ``--resume``. Writes nothing: bad input stops before the folder exists."""
+        set_kernels(cfg.kernels)  # the models' formulations, for the whole process
         info, device = distributed.init_distributed(cfg.device, cfg.gpu_ids())
         run_dir = os.path.join(root, cfg.name)
         defaults = type(cfg)().to_dict()  # type: ignore[call-arg]
@@ -219,6 +223,9 @@ class Run:
         under their keyword; with ``--resume`` their state is restored here, with the history,
         the counters in :attr:`extra`, the global step and every RNG."""
         self.tracked = objects
+        upgrade = getattr(objects.get("model"), "upgrade_checkpoint", None)
+        if self.resumed is not None and upgrade is not None:
+            self.resumed = upgrade(self.resumed)  # a checkpoint of an older layout, converted
         if self.resumed is not None:
             for key, obj in objects.items():
                 obj.load_state_dict(self.resumed[key])
@@ -323,31 +330,101 @@ class Run:
 # --------------------------------------------------------------------------------------------
 StepFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
+# StepMeters.window's slots: sums over the window's samples, and the count of steps whose loss
+# was not finite. The sample count is known on the host.
+_LOSS, _TOP1, _TOP5, _NONFINITE = range(4)
+
+
+class StepMeters:
+    """Training loss, top-1 and top-5 of the steps, kept on the device between reads.
+
+    A step only adds to :attr:`window` (a float64 device tensor, see the slots above): no
+    ``.item()``, ``float()`` or tensor ``if``, so the host never waits for the device inside
+    a step (STYLE.md, item 16). :meth:`read` brings the window to the host in one copy, summed
+    over the DDP processes (the non-finite count with it, so that every process sees the same
+    count and all stop at the same read), adds it to the epoch's totals and starts a new window.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.window = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window_count = 0  # samples in the window (host)
+        self.loss = self.top1 = self.top5 = self.count = 0.0  # the epoch's sums, on the host
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a step: ``loss`` (0-d, the batch mean), ``logits`` (N, n_classes), ``y`` (N,)."""
+        n = y.size(0)
+        maxk = min(5, logits.size(1))  # k larger than the class count counts every sample
+        # (N, maxk): at most one hit per row, the top-k indices being distinct.
+        hits = logits.detach().topk(maxk, dim=1).indices.eq(y.view(-1, 1))
+        loss = loss.detach().double()
+        nonfinite = torch.isfinite(loss).logical_not().double()
+        self.window += torch.stack(
+            [loss * n, hits[:, 0].sum().double(), hits.sum().double(), nonfinite]
+        )
+        self.window_count += n
+
+    def read(self) -> dict[str, float]:
+        """The window's sums (over all processes), added to the epoch's; the window restarts.
+        Returns the window's mean ``loss``, its sample ``count`` and ``nonfinite`` steps."""
+        values = distributed.all_reduce_sum(
+            [*self.window.tolist(), float(self.window_count)], self.window.device
+        )
+        self.window.zero_()
+        self.window_count = 0
+        count = values[-1]
+        self.loss += values[_LOSS]
+        self.top1 += values[_TOP1]
+        self.top5 += values[_TOP5]
+        self.count += count
+        return {
+            "loss": values[_LOSS] / max(count, 1.0),
+            "count": count,
+            "nonfinite": values[_NONFINITE],
+        }
+
+    def summary(self) -> dict[str, float]:
+        """The epoch's means so far (the steps read)."""
+        n = max(self.count, 1.0)
+        return {"loss": self.loss / n, "top1": self.top1 / n, "top5": self.top5 / n}
+
+    def __str__(self) -> str:
+        m = self.summary()
+        return f"loss {m['loss']:.3f} top1 {m['top1']:.2%} top5 {m['top5']:.2%}"
+
 
 def train_one_epoch(run: Run, step: StepFn, loader: Any, epoch: int) -> dict[str, float]:
     """One epoch of ``step(batch) -> (loss, logits, target)`` over ``loader``, batches on the
-    run's device. Logs every ``print_freq`` steps and the training loss to tensorboard; stops
-    with :class:`NonFiniteLossError` on a NaN or infinite loss. At the end every process holds
-    the first process's BN statistics (:func:`distributed.broadcast_buffers`), so evaluations
-    and the checkpoint see one network. Returns the epoch's loss, top1 and top5."""
+    run's device. The metrics stay on the device (:class:`StepMeters`) and are read every
+    ``print_freq`` steps and at the epoch's end: the log line, the progress bar, the training
+    loss to tensorboard (the window's mean, at the global step of the read), and the check
+    that every loss of the window was finite, which stops the run with
+    :class:`NonFiniteLossError` naming the window's steps, before any checkpoint is written.
+    At the end every process holds the first process's BN statistics
+    (:func:`distributed.broadcast_buffers`), so evaluations and the checkpoint see one network.
+    Returns the epoch's loss, top1 and top5 (under DDP, over every process's samples)."""
     cfg = run.cfg
     run.model.train()
-    meters = Meters()
+    meters = StepMeters(run.device)
     n_steps = len(loader)
     steps = progress(_batches(loader), n_steps, f"Epoch {epoch}", not cfg.no_progress)
+    first = 0  # the first step of the window
     for i, batch in enumerate(steps):
         loss, logits, target = step(_to(batch, run.device))
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss at epoch {epoch} step {i}; the last good "
-                f"checkpoint is {last_checkpoint(run.dir)}"
-            )
         meters.update(loss, logits, target)
         run.global_step += 1
-        run.writer.add_scalar("train/loss", loss.item(), run.global_step)
-        if hasattr(steps, "set_postfix"):
-            steps.set_postfix(loss=f"{meters.loss.avg:.3f}", top1=f"{meters.top1.avg:.1%}")
         if i % cfg.print_freq == 0 or i == n_steps - 1:
+            window = meters.read()
+            if window["nonfinite"]:
+                where = f"step {i}" if first == i else f"steps {first}-{i}"
+                raise NonFiniteLossError(
+                    f"non-finite training loss in {where} of epoch {epoch}; the last good "
+                    f"checkpoint is {last_checkpoint(run.dir)}"
+                )
+            first = i + 1
+            run.writer.add_scalar("train/loss", window["loss"], run.global_step)
+            if hasattr(steps, "set_postfix"):
+                m = meters.summary()
+                steps.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.1%}")
             run.logger.info(
                 f"Train: [{epoch:3d}/{cfg.epochs}] step {i:03d}/{n_steps - 1:03d} {meters}"
             )
@@ -455,7 +532,10 @@ def script_main(
             if not distributed.self_launch(script, argv, cfg.device, cfg.gpu_ids()):
                 job()
     except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        # A non-finite loss stops every DDP process at the same read, with the same message:
+        # the first process says it.
+        if not isinstance(e, NonFiniteLossError) or os.environ.get("RANK", "0") == "0":
+            print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except (Interrupted, SignalException) as e:
         signum = e.signum if isinstance(e, Interrupted) else int(e.sigval)
@@ -465,6 +545,8 @@ def script_main(
             print(f"{name}: interrupted by {Interrupted(signum)}: {hint}", file=sys.stderr)
         return 128 + signum
     except ChildFailedError as e:  # the failing process has printed its own error
+        if all(f.exitcode == 2 for f in e.failures.values()):
+            return 2  # bad input or a non-finite loss, said in one line by a process
         print(f"{name}: error: a worker process failed ({type(e).__name__})", file=sys.stderr)
         return 1
     except RuntimeError as e:

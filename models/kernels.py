@@ -19,15 +19,108 @@ against its twin, in float64 (values and gradients):
 
 Nothing here knows about DARTS: models/ops.py and the networks import from this module, never
 the other way round.
+
+**One switch** (``--kernels`` of the scripts, :func:`set_kernels`) chooses between these
+formulations and their plain twins: ``plain`` computes every function here by its twin (no
+centring, no pixel phases, no custom weight gradient, no gradient copy); ``fast`` takes the
+formulations above on every device; ``auto`` (the default) takes them on CPU tensors, where they
+were measured to pay, and the plain twins elsewhere (CUDA). :func:`fast_kernels` says which
+applies to a tensor. The plain path is the reference the fast one is tested against.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# The switch
+# --------------------------------------------------------------------------------------------
+KERNEL_MODES = ("auto", "fast", "plain")
+_mode = "auto"
+
+
+def set_kernels(mode: str) -> None:
+    """Choose the formulations of this module for the whole process: auto | fast | plain."""
+    global _mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    _mode = mode
+
+
+def get_kernels() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Within the block, :func:`set_kernels` ``mode``; the previous mode afterwards."""
+    previous = _mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(previous)
+
+
+def fast_kernels(x: torch.Tensor) -> bool:
+    """Whether the fast formulations apply to ``x``: ``fast``, or ``auto`` on a CPU tensor."""
+    return _mode == "fast" or (_mode == "auto" and x.device.type == "cpu")
+
+
+_stats_frozen = False
+
+
+@contextlib.contextmanager
+def running_stats_frozen() -> Iterator[None]:
+    """Within the block the BNs of this module (:func:`scaled_batch_norm`,
+    :class:`BatchNorm2d`) leave their running statistics and batch counter untouched. In
+    training mode a BN normalises by the batch's statistics either way, so every value and
+    gradient is what it would be: only the update of the buffers is left out. The Architect's
+    extra passes run so, instead of saving and restoring every buffer of the supernet."""
+    global _stats_frozen
+    previous = _stats_frozen
+    _stats_frozen = True
+    try:
+        yield
+    finally:
+        _stats_frozen = previous
+
+
+_batches_counted = False
+
+
+@contextlib.contextmanager
+def batches_counted(module: nn.Module) -> Iterator[None]:
+    """Add 1 to the batch counter (``num_batches_tracked``) of every BN of ``module`` in
+    training mode now, in one call, for a forward pass within the block in which each of them
+    runs once: the BNs of this module then leave their counters alone. The counters end as
+    each BN's own ``add_(1)`` would leave them, without one call per BN."""
+    global _batches_counted
+    counters = [
+        m.num_batches_tracked
+        for m in module.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        and m.training
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+    ]
+    if _stats_frozen or not counters:
+        yield
+        return
+    torch._foreach_add_(counters, 1)
+    previous = _batches_counted
+    _batches_counted = True
+    try:
+        yield
+    finally:
+        _batches_counted = previous
+
 
 # --------------------------------------------------------------------------------------------
 # Batch norm, accurate on channels-last CPU tensors, with an optional scale folded in
@@ -44,7 +137,7 @@ def centers_batch(x: torch.Tensor) -> bool:
     mean (an accurate torch.sum) first changes nothing but the rounding: back to 0.9e-3, for
     about 6% of a weight step."""
     return (
-        x.device.type == "cpu"
+        fast_kernels(x)
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not x.is_contiguous()
@@ -59,12 +152,12 @@ def scaled_batch_norm(
 ) -> torch.Tensor:
     """``scale * bn(x)`` (``bn(x)`` for None), accurate on channels-last CPU tensors too.
 
-    The scale (a 0-dim tensor) is given to F.batch_norm as the affine weight of a BN without
-    affine parameters: the supernet's mixing weight w_o of an op ending in BN costs no extra
-    pass over the activations, and autograd keeps nothing more for its gradient (w * bn(x)
-    would keep bn(x)); BN's backward returns it. Batch statistics of a channels-last CPU tensor
-    are taken after centring it (:func:`centers_batch`). The running statistics are updated as
-    ``bn(x)`` updates them.
+    The scale (a 0-dim tensor, or one per channel) is given to F.batch_norm as the affine
+    weight of a BN without affine parameters: the supernet's mixing weight w_o of an op ending
+    in BN costs no extra pass over the activations, and autograd keeps nothing more for its
+    gradient (w * bn(x) would keep bn(x)); BN's backward returns it. Batch statistics of a
+    channels-last CPU tensor are taken after centring it (:func:`centers_batch`). The running
+    statistics are updated as ``bn(x)`` updates them.
 
     ``fresh``: ``x`` is a temporary that nothing else holds or saved for backward (the output
     of a conv or a pooling that only this BN reads), so it may be centred in place: no second
@@ -77,33 +170,36 @@ def scaled_batch_norm(
             raise ValueError(
                 "scaled_batch_norm folds the scale into a BN without affine parameters"
             )
-        weight = scale.expand(x.shape[1]).contiguous()  # a stride-0 weight takes a slow kernel
-    # nn.BatchNorm2d.forward's bookkeeping, unchanged.
+        if scale.dim() == 1:  # one scale per channel (C,)
+            weight = scale
+        else:
+            weight = scale.expand(x.shape[1]).contiguous()  # stride 0 takes a slow kernel
+    # nn.BatchNorm2d.forward's bookkeeping, unchanged (none within running_stats_frozen()).
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    frozen = _stats_frozen and bn.training
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None and not frozen:
+        if not _batches_counted:
+            bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    stats = not bn.training or bn.track_running_stats
+    stats = (not bn.training or bn.track_running_stats) and not frozen
     running_mean = bn.running_mean if stats else None
     shift = None
     if training and centers_batch(x):
         with torch.no_grad():
-            shift = x.sum((0, 2, 3), keepdim=True).div_(x.numel() // x.shape[1])
+            shift = x.mean((0, 2, 3), keepdim=True)
         # The gradient of BN with respect to the shift is zero: it is a constant.
         x = x.sub_(shift) if fresh else x - shift
         if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
             running_mean = running_mean.clone()
-    out = F.batch_norm(
-        x,
-        running_mean,
-        bn.running_var if stats else None,
-        weight,
-        bias,
-        training,
-        momentum,
-        bn.eps,
-    )
+    running_var = bn.running_var if stats else None
+    if fast_kernels(x) and x.device.type == "cpu":
+        # What F.batch_norm calls on the CPU, without its extra calls (a reserve tensor)
+        out = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, bn.eps
+        )[0]
+    else:
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, bn.eps)
     if shift is not None and running_mean is not None and bn.running_mean is not None:
         with torch.no_grad():  # the copy was updated with the mean of x - shift
             torch.add(running_mean, shift.view(-1), alpha=momentum, out=bn.running_mean)
@@ -145,7 +241,7 @@ class _DenseGrad(torch.autograd.Function):
 
 def dense_grad(x: torch.Tensor) -> torch.Tensor:
     """``x``, with its gradient made dense in ``x``'s memory format (see :class:`_DenseGrad`)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not (torch.is_grad_enabled() and x.requires_grad and fast_kernels(x)):
         return x
     return cast(torch.Tensor, _DenseGrad.apply(x))
 
@@ -252,7 +348,7 @@ def from_phases(y: torch.Tensor) -> torch.Tensor:
 
 def phases_apply(x: torch.Tensor, stride: int) -> bool:
     """Whether a dilation-2 depthwise conv of ``x`` at ``stride`` runs on pixel phases."""
-    return stride == 1 and x.device.type == "cpu" and x.shape[-1] % 2 == x.shape[-2] % 2 == 0
+    return stride == 1 and fast_kernels(x) and x.shape[-1] % 2 == x.shape[-2] % 2 == 0
 
 
 def depthwise_conv2d(
@@ -268,12 +364,14 @@ def depthwise_conv2d(
     gradient of :class:`_WideDepthwiseConv`.
     """
     k = weight.shape[-1]
+    if not fast_kernels(x):
+        return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
     if dilation == 2 and padding == k - 1 and k % 2:
         if stride == 2:
             x, stride, padding, dilation = x[:, :, ::2, ::2], 1, (k - 1) // 2, 1
         elif phases_apply(x, stride):
             return from_phases(depthwise_conv2d(to_phases(x), weight, 1, (k - 1) // 2, 1))
-    if dilation == 1 and weight.shape[-1] > 3 and x.device.type == "cpu":
+    if dilation == 1 and weight.shape[-1] > 3:
         if not torch.is_autocast_enabled(x.device.type):
             return cast(torch.Tensor, _WideDepthwiseConv.apply(x, weight, stride, padding))
     return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])

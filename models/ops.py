@@ -256,6 +256,9 @@ assert set(OPS) == set(PRIMITIVES), "OPS and genotypes.PRIMITIVES must name the 
 class MixedOp(nn.Module):
     """One supernet edge: ``sum_o softmax(alpha)_o * o(x)`` over the primitives (eq. 2).
 
+    The supernet computes its edges batched by source node (models/search_cnn.py, EdgeGroup);
+    this per-edge form is the one the tests check the ops and that batching against.
+
     The `none` op adds nothing to the sum, so it is not built; its alpha still gets a gradient
     through the softmax that produced the other weights. Pooling ops are followed by a
     non-affine BN (:class:`PoolBN`) in the supernet only.

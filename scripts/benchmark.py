@@ -3,6 +3,7 @@
     python scripts/benchmark.py                      # every figure at the CIFAR-10 shape
     python scripts/benchmark.py --only second_order  # one figure, in this process
     python scripts/benchmark.py --json               # one JSON object per figure
+    python scripts/benchmark.py --count_ops          # ATen calls per figure (no timing)
 
 Figures (what is timed is the code of the scripts, imported, not a copy):
 
@@ -21,6 +22,17 @@ subprocess of this script (``--only FIGURE --json``) and collects the results.
 Shapes: the search figures default to the search defaults (batch 64, C = 16, 8 layers), the
 augment figure to the augment defaults (batch 96, C = 36, 20 layers); ``--batch``,
 ``--channels`` and ``--layers`` set both.
+
+``--count_ops`` counts instead of timing: the ATen operator calls of one step after one
+warm-up step, every call that reaches an ATen kernel (forward, backward, optimizer), through a
+``TorchDispatchMode`` (:class:`OpCounter`). Each is a dispatch on the CPU and a kernel launch
+on a GPU, so the counts are the device-independent launch budget of a step. Its default
+setting is the one of issue 22 for every figure: batch 2, C = 16, 8 layers, 3 x 32 x 32,
+channels-last. Besides the figures above it counts ``forward`` (the supernet's forward in
+training mode, with autograd recording). Two numbers per figure: all calls, and the calls
+that are neither views (:func:`is_view_op`: ops whose schema says the output aliases an input,
+such as view, permute, expand, slice, detach, as_strided) nor allocations (:data:`ALLOC_OPS`:
+empty, zeros, ones, full and their _like / new_ variants, which only allocate or fill).
 """
 
 from __future__ import annotations
@@ -39,6 +51,28 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIGURES = ("weight", "first_order", "second_order", "second_order_exact", "augment")
+COUNT_FIGURES = ("forward", "second_order", "weight", "augment")
+COUNT_DEFAULTS = {"batch": 2, "channels": 16, "layers": 8}  # issue 22's setting, every figure
+# Calls that only allocate (or fill a new tensor with a constant): left out of the second count.
+ALLOC_OPS = frozenset(
+    {
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "zeros",
+        "zeros_like",
+        "new_zeros",
+        "ones",
+        "ones_like",
+        "new_ones",
+        "full",
+        "full_like",
+        "new_full",
+        "scalar_tensor",
+    }
+)
 SEARCH_DEFAULTS = {"batch": 64, "channels": 16, "layers": 8}
 AUGMENT_DEFAULTS = {"batch": 96, "channels": 36, "layers": 20}
 N_CLASSES = 10
@@ -68,8 +102,19 @@ def get_parser() -> argparse.ArgumentParser:
         choices=("channels_last", "contiguous"),
         help="memory format of the networks and their inputs",
     )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "fast", "plain"),
+        help="the models' formulations, as the scripts' --kernels (auto: fast on the CPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--only", choices=FIGURES, default=None, help="measure one figure here")
+    p.add_argument(
+        "--only",
+        choices=FIGURES + ("forward",),
+        default=None,
+        help="measure one figure here (forward: with --count_ops only)",
+    )
     p.add_argument(
         "--figures",
         default=",".join(FIGURES),
@@ -77,6 +122,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object per figure")
+    p.add_argument(
+        "--count_ops",
+        action="store_true",
+        help="count the ATen calls of one step of each figure instead of timing it (defaults: "
+        "batch 2, C 16, 8 layers; figures " + ",".join(COUNT_FIGURES) + ")",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -90,6 +141,8 @@ def get_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 def _shape(args: argparse.Namespace, figure: str) -> dict[str, int]:
     defaults = AUGMENT_DEFAULTS if figure == "augment" else SEARCH_DEFAULTS
+    if getattr(args, "count_ops", False):
+        defaults = COUNT_DEFAULTS
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
 
 
@@ -123,6 +176,12 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     from models.search_cnn import SearchCNNController
 
     s, a = SearchConfig(), AugmentConfig()  # the scripts' defaults (the paper's)
+    try:
+        from models.kernels import set_kernels
+    except ImportError:  # a checkout from before --kernels: its only formulation
+        pass
+    else:
+        set_kernels(args.kernels)
 
     shape = _shape(args, figure)
     torch.manual_seed(args.seed)
@@ -165,6 +224,13 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
         model.alphas(), s.alpha_lr, betas=(0.5, 0.999), weight_decay=s.alpha_weight_decay
     )
     trn, val = batch(shape["batch"]), batch(shape["batch"])
+
+    if figure == "forward":
+
+        def forward() -> None:
+            model(trn[0])  # training mode, autograd recording: the forward of a search step
+
+        return forward
 
     if figure == "weight":
 
@@ -243,6 +309,7 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "memory_format": args.memory_format,
+        "kernels": args.kernels,
         "input": f"{shape['batch']}x3x{args.size}x{args.size}",
         "batch": shape["batch"],
         "size": args.size,
@@ -255,6 +322,99 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# ATen call counts
+# --------------------------------------------------------------------------------------------
+def is_view_op(func: Any) -> bool:
+    """Whether an ATen overload is a view: its schema says the output aliases an input
+    (view, permute, expand, slice, select, unsqueeze, transpose, detach, as_strided, ...).
+    In-place ops (add_, ...) alias their input too but compute: they are not views."""
+    if func.is_view:
+        return True
+    schema = func._schema
+    return bool(
+        schema.returns
+        and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    )
+
+
+def op_counter() -> Any:
+    """A ``TorchDispatchMode`` that counts the ATen calls made while it is active: ``counts``
+    maps an op name (``aten.add``, overloads merged) to its calls, ``total`` and ``compute``
+    (the calls that are neither views nor allocations, see the module docstring). Calls that
+    autograd's backward makes are counted too: the mode is thread-local state that the
+    autograd engine carries into its backward pass."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter[str] = Counter()
+            self.views = 0
+            self.allocs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            self.counts[f"aten.{name}"] += 1
+            if name in ALLOC_OPS:
+                self.allocs += 1
+            elif is_view_op(func):
+                self.views += 1
+            return func(*args, **(kwargs or {}))
+
+        @property
+        def total(self) -> int:
+            return sum(self.counts.values())
+
+        @property
+        def compute(self) -> int:
+            return self.total - self.views - self.allocs
+
+    return OpCounter()
+
+
+def count_ops(figure: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The ATen calls of one step of ``figure`` after one warm-up step (uncounted)."""
+    import torch
+
+    device = torch.device(args.device)
+    step = _build_step(figure, args, device)
+    step()  # warm-up: optimizer state (momentum buffers, Adam moments) exists from here on
+    counter = op_counter()
+    with counter:
+        step()
+    shape = _shape(args, figure)
+    return {
+        "figure": figure,
+        "calls": counter.total,
+        "compute_calls": counter.compute,
+        "views": counter.views,
+        "allocations": counter.allocs,
+        "top": counter.counts.most_common(10),
+        "device": str(device),
+        "torch": torch.__version__,
+        "memory_format": args.memory_format,
+        "kernels": args.kernels,
+        "input": f"{shape['batch']}x3x{args.size}x{args.size}",
+        "batch": shape["batch"],
+        "size": args.size,
+        "channels": shape["channels"],
+        "layers": shape["layers"],
+    }
+
+
+def format_count_line(r: dict[str, Any]) -> str:
+    top = ", ".join(f"{n[5:]} {c:,}" for n, c in r["top"][:5])
+    return (
+        f"{r['figure']:<13} {r['calls']:>9,} ATen calls, {r['compute_calls']:>9,} without views "
+        f"({r['views']:,}) and allocations ({r['allocations']:,})  (one step after a warm-up; "
+        f"{r['device']}, PyTorch {r['torch']}, {r['memory_format']}, --kernels {r['kernels']}, "
+        f"input {r['input']}, C={r['channels']}, {r['layers']} layers; top: {top})"
+    )
+
+
 def format_line(r: dict[str, Any]) -> str:
     mem = r["peak_memory_bytes"] / 2**30
     what = "peak RSS" if r["memory"] == "peak_rss" else "CUDA max allocated"
@@ -262,6 +422,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{r['figure']:<19} {r['seconds']:8.3f} s/step  {what} {mem:6.2f} GiB  "
         f"(median of {r['steps']} after {r['warmup']} warm-up; {r['device']}, "
         f"PyTorch {r['torch']}, {r['threads']} threads, {r['dtype']}, {r['memory_format']}, "
+        f"--kernels {r['kernels']}, "
         f"input {r['input']}, C={r['channels']}, {r['layers']} layers, "
         f"load {r['load_before']:.2f}->{r['load_after']:.2f})"
     )
@@ -301,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, ROOT)
     if args.profile and args.only is None:
         raise SystemExit("benchmark.py: --profile needs --only FIGURE (one figure, here)")
+    if args.count_ops:  # counts do not depend on the process: all figures here
+        for f in [args.only] if args.only is not None else COUNT_FIGURES:
+            r = count_ops(f, args)
+            print(json.dumps(r) if args.json else format_count_line(r), flush=True)
+        return 0
     if args.only is not None:
         results = [measure(args.only, args)]
     else:

@@ -16,6 +16,7 @@ term next to the first-order part of the alpha gradient (what the term changes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -28,6 +29,7 @@ import search  # noqa: E402
 from architect import Architect  # noqa: E402
 from config import SearchConfig  # noqa: E402
 from distributed import tf32_disabled  # noqa: E402
+from models.kernels import running_stats_frozen  # noqa: E402
 from models.search_cnn import SearchCNNController  # noqa: E402
 
 CFG = SearchConfig()  # the search defaults (the paper's): learning rates, momentum, decay
@@ -101,6 +103,9 @@ def check(args: argparse.Namespace) -> int:
     # The quantities of Architect.unrolled_backward, by its own steps.
     names, weights = zip(*model.named_weights())
     alphas = list(model.alphas())
+    # As in unrolled_backward, the passes leave the BN running statistics as they were.
+    frozen = contextlib.ExitStack()
+    frozen.enter_context(running_stats_frozen())
     _, dalpha, dw = architect._virtual_gradients(
         names, weights, alphas, trn_X, trn_y, val_X, val_y, LR, w_optim
     )
@@ -108,9 +113,7 @@ def check(args: argparse.Namespace) -> int:
     def flat(ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.cat([t.flatten() for t in ts]).double()
 
-    snapshot = architect._buffers_snapshot()
     exact = flat(architect._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y))
-    architect._restore(snapshot)
     first = flat(dalpha)
     print(
         f"supernet C={args.channels}, {args.layers} layers, batch {args.batch}, {args.data} "
@@ -124,7 +127,6 @@ def check(args: argparse.Namespace) -> int:
     for scale in (float(s) for s in args.scales.split(",")):
         architect.fd_scale = scale
         finite = flat(architect._hessian_vector_product(names, weights, alphas, dw, trn_X, trn_y))
-        architect._restore(snapshot)
         cos = torch.nn.functional.cosine_similarity(finite, exact, dim=0).item()
         rel = ((finite - exact).norm() / exact.norm()).item()
         full_cos = torch.nn.functional.cosine_similarity(
@@ -135,6 +137,7 @@ def check(args: argparse.Namespace) -> int:
             f"||finite - exact|| / ||exact|| = {rel:.3f}, cosine of the full alpha gradients "
             f"= {full_cos:.6f}"
         )
+    frozen.close()
     return 0
 
 

@@ -214,3 +214,68 @@ def test_a_zero_validation_gradient_gives_a_zero_hessian_term():
         assert torch.isfinite(a.grad).all()
         assert torch.equal(a.grad, da)  # da - xi * 0, exactly
         torch.testing.assert_close(a.grad, ref)  # the first-order term at the virtual step
+
+
+class LoopArchitect(Architect):
+    """The Architect as it was before torch._foreach_* (a frozen copy of its per-parameter
+    loops): the reference that the batched arithmetic must reproduce."""
+
+    def unrolled_backward(self, trn_X, trn_y, val_X, val_y, xi, w_optim):
+        buffers = [(b, b.clone()) for b in self.net.buffers()]
+        names, weights = zip(*self.net.named_weights())
+        alphas = list(self.net.alphas())
+        with self.net.alphas_frozen():
+            g_trn = torch.autograd.grad(self.net.loss(trn_X, trn_y), weights)
+        with torch.no_grad():
+            w_virtual = []
+            for w, g in zip(weights, g_trn):
+                buf = w_optim.state.get(w, {}).get("momentum_buffer")
+                step = g + self.w_weight_decay * w
+                if buf is not None:
+                    step = step + self.w_momentum * buf
+                w_virtual.append((w - xi * step).requires_grad_())
+        val_loss = self._loss(dict(zip(names, w_virtual)), val_X, val_y)
+        grads = torch.autograd.grad(val_loss, alphas + w_virtual)
+        dalpha, dw = grads[: len(alphas)], grads[len(alphas) :]
+        if self.hessian == "exact":
+            hessian = self._exact_hessian_vector_product(weights, alphas, dw, trn_X, trn_y)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in dw]))
+            eps = self.fd_scale / norm.item()
+            pair = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    w_shift = {n: w + sign * eps * d for n, w, d in zip(names, weights, dw)}
+                pair.append(torch.autograd.grad(self._loss(w_shift, trn_X, trn_y), alphas))
+            hessian = [(gp - gn) / (2.0 * eps) for gp, gn in zip(*pair)]
+        for a, da, h in zip(alphas, dalpha, hessian):
+            a.grad = da - xi * h
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        return val_loss.detach()
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("hessian", ["finite", "exact"])
+def test_batched_arithmetic_equals_the_per_parameter_loops(hessian):
+    """float64: the Architect's alpha gradient and validation loss equal the per-parameter
+    loops' (LoopArchitect) to 1e-12 relative, and the network is left exactly as it was."""
+    net, w_optim, trn, val = make_setup(seed=3)
+    ref = copy.deepcopy(net)
+    ref_optim = torch.optim.SGD(ref.weights(), XI, momentum=MOMENTUM, weight_decay=WD)
+    ref_optim.load_state_dict(w_optim.state_dict())
+    before = copy.deepcopy(net.state_dict())
+    loss = Architect(net, MOMENTUM, WD, hessian=hessian).unrolled_backward(*trn, *val, XI, w_optim)
+    loss_ref = LoopArchitect(ref, MOMENTUM, WD, hessian=hessian).unrolled_backward(
+        *trn, *val, XI, ref_optim
+    )
+    assert _relative(loss, loss_ref) < 1e-12
+    for a, b in zip(net.alphas(), ref.alphas()):
+        assert _relative(a.grad, b.grad) < 1e-12
+    for k, v in before.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    assert [k for k in before] == [k for k in ref.state_dict()]

@@ -90,3 +90,45 @@ def test_profile_prints_the_top_ops(capsys):
     assert "Self CPU" in err and "aten::convolution_backward" in err
     with pytest.raises(SystemExit, match="--profile needs --only"):
         bench.main([*TINY, "--profile"])
+
+
+def test_op_counter_counts_each_aten_call_and_classifies_it():
+    """A function of known calls: one add, one view, one allocation; the backward of a mul
+    runs under the mode too (its calls are counted)."""
+    import torch
+
+    bench = load_benchmark()
+    x = torch.ones(3)
+    a = torch.ones(3, requires_grad=True)
+    counter = bench.op_counter()
+    with counter:
+        y = x + 1
+        y.view(3, 1)
+        torch.empty(2)
+    assert counter.counts == {"aten.add": 1, "aten.view": 1, "aten.empty": 1}
+    assert (counter.total, counter.views, counter.allocs, counter.compute) == (3, 1, 1, 1)
+    counter = bench.op_counter()
+    with counter:
+        (a * 2.0).sum().backward()
+    # forward: mul, sum; backward: at least the mul's gradient (a mul) and the sum's (expand)
+    assert counter.counts["aten.mul"] >= 2 and counter.counts["aten.expand"] >= 1
+    assert counter.compute < counter.total
+
+
+def test_count_ops_prints_every_figure_with_its_conditions(capsys):
+    bench = load_benchmark()
+    tiny = ["--size", "8", "--channels", "4", "--layers", "3", "--batch", "2"]
+    assert bench.main([*tiny, "--count_ops", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["figure"] for r in records] == list(bench.COUNT_FIGURES)
+    calls = {r["figure"]: r["calls"] for r in records}
+    # a step holds its forward: a second-order step makes 4 forwards and backwards and more
+    assert calls["second_order"] > 4 * calls["forward"] and calls["weight"] > calls["forward"]
+    for r in records:
+        assert r["calls"] == r["compute_calls"] + r["views"] + r["allocations"]
+        assert r["input"] == "2x3x8x8" and (r["channels"], r["layers"]) == (4, 3)
+    assert bench.main([*tiny, "--count_ops", "--only", "forward"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("forward") and "ATen calls" in line and "without views" in line
+    for word in ("cpu", "PyTorch", "channels_last", "input 2x3x8x8", "C=4", "3 layers"):
+        assert word in line, word

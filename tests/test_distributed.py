@@ -165,3 +165,33 @@ def test_two_process_augment_on_an_image_folder(tmp_path):
     assert res.returncode == 0, res.stderr
     top1 = float(res.stdout.split("top1 ")[1].split("%")[0]) / 100
     assert top1 == pytest.approx(rows[-1]["test_top1"], abs=5e-5)
+
+
+def test_all_reduce_mean_averages_every_tensor_through_one_flat_buffer(monkeypatch):
+    """In-process: the collective is patched to add a second process's values. Every tensor
+    (of any shape, channels-last included) becomes the mean, through one all_reduce call."""
+    import distributed
+
+    torch.manual_seed(0)
+    mine = [
+        torch.randn(3, 2),
+        torch.randn(5),
+        torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+    ]
+    other = [torch.randn_like(t) for t in mine]
+    expected = [(a + b) / 2 for a, b in zip(mine, other)]
+    calls = []
+
+    def all_reduce(flat):
+        calls.append(flat.numel())
+        flat += torch.cat([t.reshape(-1) for t in other])
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    tensors = [t.clone() for t in mine]
+    distributed.all_reduce_mean(tensors)
+    assert calls == [sum(t.numel() for t in mine)]
+    for t, e in zip(tensors, expected):
+        assert t.shape == e.shape
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-7)

@@ -79,7 +79,7 @@ CL = torch.channels_last
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last):
-    from models.kernels import depthwise_conv2d
+    from models.kernels import depthwise_conv2d, use_kernels
 
     torch.manual_seed(0)
     fmt = CL if channels_last else torch.contiguous_format
@@ -88,8 +88,11 @@ def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last
     x.requires_grad_()
     w.requires_grad_()
     padding = dilation * (k - 1) // 2
-    ref = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3)
-    out = depthwise_conv2d(x, w, stride, padding, dilation)
+    with use_kernels("plain"):  # the reference: the plain twin, through the switch
+        ref = depthwise_conv2d(x, w, stride, padding, dilation)
+    assert torch.equal(ref, torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3))
+    with use_kernels("fast"):
+        out = depthwise_conv2d(x, w, stride, padding, dilation)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
@@ -289,7 +292,7 @@ def _reference_edge(mixed, x, w):
 def test_mixed_op_shared_relu_phases_and_folded_weights(stride, size, channels_last):
     """Training mode, float64: same output, gradients (input, weights, alphas) and BN
     statistics as the plain weighted sum, with relu(x) and its phases handed in by the caller
-    (as SearchCell does) or not."""
+    (as the per-edge supernet cell did) or not."""
     import copy
 
     from models.kernels import phases_apply, to_phases
@@ -342,3 +345,84 @@ def test_channels_last_supernet_keeps_parameters_and_values():
     grads_cl = torch.autograd.grad(loss_cl, list(net_cl.parameters()))
     for a, b in zip(grads, grads_cl):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# --kernels: the fast networks against the plain ones, through the switch
+# --------------------------------------------------------------------------------------------
+def test_kernels_switch_chooses_by_mode_and_device():
+    from models.kernels import fast_kernels, get_kernels, set_kernels, use_kernels
+
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")  # meta: a tensor not on the CPU
+    assert get_kernels() == "auto" and fast_kernels(cpu) and not fast_kernels(meta)
+    with use_kernels("fast"):
+        assert fast_kernels(cpu) and fast_kernels(meta)
+    with use_kernels("plain"):
+        assert not fast_kernels(cpu) and not fast_kernels(meta)
+    assert get_kernels() == "auto"
+    with pytest.raises(ValueError, match="kernels must be one of auto, fast, plain"):
+        set_kernels("quick")
+
+
+def _loss_grads_buffers(net, X, y, mode):
+    from models.kernels import use_kernels
+
+    with use_kernels(mode):
+        out = net(X)
+        outs = out if isinstance(out, tuple) else (out,)  # the augment net: (logits, aux)
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs)
+        grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+    return loss, grads, [b.clone() for b in net.buffers()]
+
+
+@pytest.mark.parametrize("network", ["search", "augment"])
+def test_fast_kernels_compute_the_plain_networks(network):
+    """float64, training mode, channels-last on the CPU (where every fast path applies):
+    --kernels fast gives the loss, every gradient (weights and alphas) and the BN statistics
+    of --kernels plain."""
+    import copy
+
+    import torch.nn as nn
+
+    import genotypes as gt
+    from models.augment_cnn import AugmentCNN
+    from models.search_cnn import SearchCNNController
+
+    torch.manual_seed(0)
+    if network == "search":
+        net = SearchCNNController(3, 4, 10, 3, nn.CrossEntropyLoss())
+        with torch.no_grad():
+            for a in net.alphas():
+                a.normal_(0, 0.5)
+    else:
+        net = AugmentCNN(8, 3, 4, 10, 3, True, gt.DARTS_V2)
+        net.drop_path_prob(0.0)
+    net = net.double().to(memory_format=CL).train()
+    plain = copy.deepcopy(net)
+    X = torch.randn(4, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+    loss, grads, buffers = _loss_grads_buffers(net, X, y, "fast")
+    loss_p, grads_p, buffers_p = _loss_grads_buffers(plain, X, y, "plain")
+    torch.testing.assert_close(loss, loss_p, rtol=1e-12, atol=0)
+    for a, b in zip(grads, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(buffers, buffers_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_running_stats_frozen_leaves_the_buffers_and_changes_no_value():
+    import copy
+
+    from models.kernels import BatchNorm2d, running_stats_frozen, scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3, affine=False).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    ref = copy.deepcopy(bn)
+    w = torch.tensor(0.3, dtype=torch.float64)
+    with running_stats_frozen():
+        out, scaled = bn(x), scaled_batch_norm(bn, x, w)
+    assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), ref.buffers()))
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(scaled, w * out, rtol=1e-15, atol=1e-15)
+    assert int(ref.num_batches_tracked) == 1  # outside the block the statistics move

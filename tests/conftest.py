@@ -38,6 +38,7 @@ def run_script(script, *args, cwd, timeout=600):
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs two workers), the tests that share one of this
     suite's module- or session-scoped fixtures go to the same worker, so that the fixture (a

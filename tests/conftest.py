@@ -40,9 +40,9 @@ def run_script(script, *args, cwd, timeout=600):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test`` runs two workers), the tests that share one of this
-    suite's module- or session-scoped fixtures go to the same worker, so that the fixture (a
-    whole protocol, a reference run) is built once, not once per worker (``--dist loadgroup``)."""
+    """Under pytest-xdist (``make test`` runs two workers), the tests of a module that use one of
+    its module-scoped fixtures (a whole protocol, a reference run) go to the same worker, so that
+    the fixture is built once, not once per worker (``--dist loadgroup``)."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
@@ -51,6 +51,7 @@ def pytest_collection_modifyitems(config, items):
             continue
         for name in info.names_closure:
             defs = info.name2fixturedefs.get(name, ())
-            if any(d.scope in ("module", "session") and d.baseid.startswith("tests") for d in defs):
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
+            if any(d.scope == "module" and d.baseid.startswith("tests") for d in defs):
+                # One group per module: a test may use two of its module's fixtures.
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
                 break

@@ -247,7 +247,7 @@ def test_scripts_refuse_hostile_genotypes_in_one_line(script, case, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a hang guard: the refusal takes ~3 s, most of it imports
         env=env,
     )
     err = r.stderr.strip().splitlines()

@@ -294,7 +294,7 @@ def test_a_decompression_bomb_is_skipped_with_a_warning(normalize, tmp_path, mon
 def test_a_decompression_bomb_with_loader_workers_is_skipped(tmp_path):
     root, bomb, big = bomb_folder(tmp_path)
     argv = ["--name", "s", *folder_args(root, "--first_order", "--nodes", "2", "--workers", "1")]
-    res = run_script("search.py", *argv, cwd=tmp_path, timeout=120)  # a hang guard only
+    res = run_script("search.py", *argv, cwd=tmp_path, timeout=300)  # a hang guard (run: ~7 s)
     assert res.returncode == 0, res.stderr
     assert_bombs_named_once(res.stderr, bomb, big)
     assert (tmp_path / "searchs" / "s" / "checkpoint.pth.tar").is_file()
@@ -345,7 +345,7 @@ def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path):
                 os.kill(killed, signal.SIGKILL)
             proc.send_signal(signal.SIGCONT)
             time.sleep(0.01)
-        out, err = proc.communicate(timeout=120)  # a hang guard only
+        out, err = proc.communicate(timeout=600)  # a hang guard only (the run: ~17 s)
     finally:
         if proc.poll() is None:
             proc.kill()

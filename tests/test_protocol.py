@@ -47,7 +47,7 @@ def start(cwd, *extra):
 
 def run(cwd, *extra):
     proc = start(cwd, *extra)
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=1800)  # a hang guard (~60 s for the tiny protocol)
     return proc.returncode, out, err
 
 

@@ -254,6 +254,24 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     return step
 
 
+def _conditions(figure: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """What every figure is printed with: the device, PyTorch, layout, kernels and shape."""
+    import torch
+
+    shape = _shape(args, figure)
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "memory_format": args.memory_format,
+        "kernels": args.kernels,
+        "input": f"{shape['batch']}x3x{args.size}x{args.size}",
+        "batch": shape["batch"],
+        "size": args.size,
+        "channels": shape["channels"],
+        "layers": shape["layers"],
+    }
+
+
 def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``figure`` in this process; return its result record."""
     import contextlib
@@ -295,26 +313,18 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
             _sync(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
-    shape = _shape(args, figure)
     return {
         "figure": figure,
         "seconds": statistics.median(times),
         "times": times,
         "peak_memory_bytes": mem,
         "memory": mem_kind,
+        **_conditions(figure, args, device),
         "device": str(device)
         if device.type == "cpu"
         else f"{device} ({torch.cuda.get_device_name(device)})",
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "memory_format": args.memory_format,
-        "kernels": args.kernels,
-        "input": f"{shape['batch']}x3x{args.size}x{args.size}",
-        "batch": shape["batch"],
-        "size": args.size,
-        "channels": shape["channels"],
-        "layers": shape["layers"],
         "steps": args.steps,
         "warmup": args.warmup,
         "load_before": load_before,
@@ -385,7 +395,6 @@ def count_ops(figure: str, args: argparse.Namespace) -> dict[str, Any]:
     counter = op_counter()
     with counter:
         step()
-    shape = _shape(args, figure)
     return {
         "figure": figure,
         "calls": counter.total,
@@ -393,15 +402,7 @@ def count_ops(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         "views": counter.views,
         "allocations": counter.allocs,
         "top": counter.counts.most_common(10),
-        "device": str(device),
-        "torch": torch.__version__,
-        "memory_format": args.memory_format,
-        "kernels": args.kernels,
-        "input": f"{shape['batch']}x3x{args.size}x{args.size}",
-        "batch": shape["batch"],
-        "size": args.size,
-        "channels": shape["channels"],
-        "layers": shape["layers"],
+        **_conditions(figure, args, device),
     }
 
 

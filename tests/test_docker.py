@@ -29,11 +29,14 @@ def test_dockerfile_installs_graphviz_and_the_requirements():
     assert "pip install --no-cache-dir -r requirements.txt" in text
 
 
-def test_readme_docker_commands_match_the_dockerfile():
-    readme, docker = read("README.md"), read("Dockerfile")
-    assert "docker build -t darts ." in readme and "docker build -t darts ." in docker
-    run = re.search(r"docker run --gpus all -it (.+?)python search\.py", readme, flags=re.S)
-    assert run, "README lacks the docker run command"
+DOCKER_PAGE = "docs/scale.md"  # where the user docs give the Docker commands
+
+
+def test_docs_docker_commands_match_the_dockerfile():
+    page, docker = read(DOCKER_PAGE), read("Dockerfile")
+    assert "docker build -t darts ." in page and "docker build -t darts ." in docker
+    run = re.search(r"docker run --gpus all -it (.+?)python search\.py", page, flags=re.S)
+    assert run, f"{DOCKER_PAGE} lacks the docker run command"
     workdir = re.search(r"^WORKDIR\s+(\S+)$", docker, flags=re.M).group(1)
     for mount in re.findall(r"-v \"\$PWD/\w+:(\S+)\"", run.group(1)):
         assert mount.startswith(workdir + "/"), mount  # data and results land in the workdir
@@ -86,20 +89,20 @@ def test_make_test_compat_runs_the_fast_tests_in_its_own_venv_outside_make_test(
     assert venv in read(".dockerignore").split()
 
 
-def test_docker_smoke_target_is_the_readme_smoke_run():
+def test_docker_smoke_target_is_the_documented_smoke_run():
     smoke = "python search.py --name smoke --dataset digits --epochs 1 --layers 5 --init_channels 8"
     target = re.search(r"^docker-smoke:.*\n((?:\t.*\n)+)", read("Makefile"), flags=re.M)
     assert target, "Makefile lacks docker-smoke"
     recipe = " ".join(target.group(1).replace("\\\n", " ").split())
     assert "docker build -t darts ." in recipe
     assert "docker run --gpus all" in recipe and recipe.endswith("darts " + smoke)
-    readme = " ".join(read("README.md").replace("\\\n", " ").split())
-    assert re.search(r"docker run --gpus all [^`]*darts " + re.escape(smoke), readme)
-    assert "make docker-smoke" in readme
+    page = " ".join(read(DOCKER_PAGE).replace("\\\n", " ").split())
+    assert re.search(r"docker run --gpus all [^`]*darts " + re.escape(smoke), page)
+    assert "make docker-smoke" in page
 
 
 def docker_runs(text):
-    """Every `docker run ...` command in ``text`` (README, Makefile, Dockerfile), continuation
+    """Every `docker run ...` command in ``text`` (docs, Makefile, Dockerfile), continuation
     lines joined and comment marks dropped."""
     joined = re.sub(r"\\\n[\s#]*", " ", text)
     return [m.group(0) for m in re.finditer(r"docker run [^\n`]*", joined)]
@@ -108,8 +111,10 @@ def docker_runs(text):
 def test_every_docker_run_shares_the_host_ipc_and_keeps_both_run_folders():
     """Docker's default /dev/shm is 64 MB, and the loader workers pass batches through it (one
     ImageNet batch of 128 is 77 MB); a run's results must outlive the container."""
-    runs = {name: docker_runs(read(name)) for name in ("README.md", "Makefile", "Dockerfile")}
+    runs = {name: docker_runs(read(name)) for name in (DOCKER_PAGE, "Makefile", "Dockerfile")}
     assert all(runs.values()), runs
+    pages = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]
+    runs.update({name: docker_runs(read(name)) for name in pages if name != DOCKER_PAGE})
     for name, commands in runs.items():
         for cmd in commands:
             assert "--ipc=host" in cmd or "--shm-size" in cmd, f"{name}: {cmd}"

@@ -83,7 +83,7 @@ def write(case, root, monkeypatch, dot=True):
     monkeypatch.setattr(visualize, "dot_available", lambda: dot)
     monkeypatch.setattr(visualize, "plot_genotype", lambda g, out: drawn.append((g, out)))
     protocol, rep = results(case)
-    protocol.write_report(root, rep)
+    protocol.write_report(root, rep, protocol.SELECT_SEED)
     return drawn
 
 

@@ -20,6 +20,10 @@ where the script always puts it:
 
 The run folders are the state: --resume skips finished runs, resumes the others from their
 checkpoints and starts the missing ones, so an interrupted protocol ends with the same report.
+
+This file holds the settings, the stages and the command line. Its two parts, next to it:
+protocol_exec.py runs the runs (processes on this machine, or submitit jobs), and
+protocol_report.py writes the report.
 """
 
 from __future__ import annotations
@@ -27,20 +31,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shlex
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # its parts, also when this file is imported by path (the tests)
+    sys.path.insert(0, HERE)
+from protocol_exec import Job, exit_status, run_local, run_submitit, wait_for_run  # noqa: E402
+from protocol_report import summary, write_report, write_text  # noqa: E402
+
+ROOT = os.path.dirname(HERE)
 SELECT_SEED = 1  # every selection run: the same held-out split, the same initial weights' stream
 PAPER = {("cifar10", False): "2.76 ± 0.09", ("cifar10", True): "3.00 ± 0.14"}  # test error, %
 # Compared on --resume (the other flags may change: they do not change what is computed).
@@ -48,68 +52,6 @@ SETTINGS = tuple("dataset searches select_epochs select_val_portion final_runs".
 SETTINGS += ("search_args", "augment_args")
 SET_BY_PROTOCOL = tuple("name dataset seed resume data_path genotype val_portion no_test".split())
 STAGES = ("search", "select", "final")
-
-
-# --------------------------------------------------------------------------------------------
-# A run: a command, its folder, its log. start_command and run_command use the standard library
-# only: submitit pickles run_command into each job.
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    name: str  # search-1, select-s1, final-s1-3
-    script: str  # search | augment
-    args: list[str]  # besides --name, --dataset, --data_path and --resume
-    result: str  # what it gives the report: genotype, val_top1 (selection), test_top1 (final)
-    info: dict[str, Any] = field(default_factory=dict)  # more of its report row (seed, ...)
-
-    @property
-    def folder(self) -> str:
-        return os.path.join("searchs" if self.script == "search" else "augments", self.name)
-
-    @property
-    def log(self) -> str:
-        return os.path.join("logs", self.name + ".out")
-
-
-def start_command(cmd: list[str], cwd: str, log: str, env: dict[str, str] | None = None) -> Any:
-    """Start ``cmd`` in ``cwd``, stdout and stderr appended to ``log``, in a session of its own:
-    a terminal's Ctrl-C reaches the protocol only, which stops its runs once."""
-    with open(os.path.join(cwd, log), "a") as out:
-        out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-        out.flush()
-        return subprocess.Popen(
-            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def run_command(cmd: list[str], cwd: str, log: str) -> int:
-    """A submitit job: run ``cmd``, return its exit status."""
-    proc = start_command(cmd, cwd, log)
-    try:
-        return proc.wait()
-    except BaseException:  # the job is cancelled or preempted: the run saves its epoch, stops
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
-        raise
-
-
-def _status(code: int | str | None) -> str:
-    if isinstance(code, int) and code < 0:  # Popen's way of saying "killed by a signal"
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit status {code}" if isinstance(code, int) else str(code)
-
-
-def wait_for_run(folder: str) -> None:
-    """Wait while a process holds the run folder's lock: a run that a protocol killed with
-    SIGKILL left behind goes on by itself and is read when it ends."""
-    from checkpoint import lock_holder
-
-    said = False
-    while (holder := lock_holder(folder)) is not None:
-        if not said:
-            print(f"waiting for process {holder}, which still runs {folder}", flush=True)
-            said = True
-        time.sleep(1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,13 +246,29 @@ class Protocol:
                 else:
                     todo.append(job)
             os.makedirs(self.path("logs"), exist_ok=True)
-            local = self.args.executor == "local"
-            codes = self.run_processes(todo) if local else self.run_jobs(todo)
+            codes = self.execute(todo)
         finally:
             self.wall[stage] = self.wall.get(stage, 0.0) + time.time() - t0
         rows = [self.read(job, codes.get(job.name)) for job in jobs]
         self.run_s[stage] = sum(row.pop("run_s", 0.0) for row in rows)
         return rows
+
+    def execute(self, jobs: list[Job]) -> dict[str, int | str]:
+        """Run ``jobs`` with the executor of --executor; every run's exit status (protocol_exec)."""
+        a = self.args
+        if a.executor == "local":
+            return run_local(jobs, self.command, self.root, self.gpus)
+        return run_submitit(
+            jobs,
+            self.command,
+            self.root,
+            slurm=a.executor == "slurm",
+            prefix=a.name,
+            time_min=a.time_min,
+            gpus_per_run=a.gpus_per_run,
+            cpus_per_run=a.cpus_per_run,
+            partition=a.partition,
+        )
 
     def read(self, job: Job, code: int | str | None) -> dict[str, Any]:
         """A run's report row: its result (``job.result``) or why there is none."""
@@ -323,7 +281,7 @@ class Protocol:
             if os.path.exists(self.path(job.log)):
                 with open(self.path(job.log), errors="replace") as f:
                     lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("===")]
-            why = _status(code) if code is not None else "not finished"
+            why = exit_status(code) if code is not None else "not finished"
             last = f": {lines[-1][:300]}" if lines else ""  # the run's own one-line error
             return {**row, "error": f"failed ({why}){last}; see {job.log}"}
         row["run_s"] = sum(h.get("time", 0.0) for h in ckpt["history"])
@@ -335,79 +293,6 @@ class Protocol:
             why = str(e).replace(self.root + os.sep, "")  # the same report in any folder
             return {**row, "error": f"unreadable genotype: {why}"}
         return {**row, "ok": True, "genotype": genotype}
-
-    def run_processes(self, jobs: list[Job]) -> dict[str, int | str]:
-        """One run at a time, or one per GPU of --gpus (pinned with CUDA_VISIBLE_DEVICES)."""
-        slots: queue.Queue[str | None] = queue.Queue()
-        for gpu in self.gpus or [None]:  # type: ignore[list-item]
-            slots.put(gpu)
-        live: set[subprocess.Popen] = set()
-        lock, stopping = threading.Lock(), threading.Event()
-
-        def one(job: Job) -> int | str:
-            gpu = slots.get()
-            try:
-                env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-                with lock:
-                    if stopping.is_set():
-                        return "not started"
-                    where = "" if gpu is None else f" on GPU {gpu}"
-                    print(f"{job.name}: started{where}", flush=True)
-                    proc = start_command(self.command(job), self.root, job.log, env)
-                    live.add(proc)
-                code = proc.wait()
-                print(f"{job.name}: ended, {_status(code)}", flush=True)
-                return code
-            finally:
-                slots.put(gpu)
-
-        with ThreadPoolExecutor(max(1, len(self.gpus))) as pool:
-            futures = {job.name: pool.submit(one, job) for job in jobs}
-            try:
-                pending = set(futures.values())
-                while pending:  # short waits: the main thread also takes the signals that
-                    pending = wait(pending, timeout=0.5).not_done  # reached a waiting thread
-                return {name: f.result() for name, f in futures.items()}
-            except BaseException:  # interrupted: every run saves its last epoch and stops
-                with lock:
-                    stopping.set()
-                    for proc in live:
-                        if proc.poll() is None:
-                            proc.send_signal(signal.SIGTERM)
-                raise
-
-    def run_jobs(self, jobs: list[Job]) -> dict[str, int | str]:
-        """SLURM, or submitit's local executor: one job per run, a stage's jobs all at once."""
-        import cloudpickle
-        import submitit
-
-        if __name__ != "__main__":  # imported: pickle run_command by value, not by module name
-            cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        slurm = self.args.executor == "slurm"
-        ex = submitit.AutoExecutor(self.path("submitit"), cluster="slurm" if slurm else "local")
-        ex.update_parameters(timeout_min=self.args.time_min, gpus_per_node=self.args.gpus_per_run)
-        if slurm:
-            ex.update_parameters(cpus_per_task=self.args.cpus_per_run, tasks_per_node=1)
-            if self.args.partition:
-                ex.update_parameters(slurm_partition=self.args.partition)
-        submitted: dict[str, Any] = {}
-        codes: dict[str, int | str] = {}
-        try:
-            for job in jobs:
-                ex.update_parameters(name=f"{self.args.name}-{job.name}")
-                submitted[job.name] = ex.submit(run_command, self.command(job), self.root, job.log)
-                print(f"{job.name}: submitted as job {submitted[job.name].job_id}", flush=True)
-            for name, sub in submitted.items():
-                try:
-                    codes[name] = sub.result()
-                except Exception as e:  # the job failed around the run (time limit, node, ...)
-                    codes[name] = f"job {sub.job_id}: {(str(e).strip() or repr(e)).splitlines()[0]}"
-                print(f"{name}: ended, {_status(codes[name])}", flush=True)
-        except BaseException:
-            for sub in submitted.values():
-                sub.cancel(check=False)
-            raise
-        return codes
 
     def run(self, first_order: bool) -> dict[str, Any]:
         """The stages; returns the report."""
@@ -461,145 +346,6 @@ class Protocol:
         return Job(f"final-s{picked['searches'][0]}-{i}", "augment", args, "test_top1", {"seed": i})
 
 
-def summary(errors: list[float], n_runs: int, paper: str | None, dataset: str) -> dict[str, Any]:
-    """Mean and sample std (n - 1) of the final runs' test errors, and the line that says it."""
-    n = len(errors)
-    mean = statistics.mean(errors) if n else None
-    std = statistics.stdev(errors) if n > 1 else None
-    ref = f"paper: {paper}" if paper else f"no paper figure for {dataset}"
-    if n == 0:
-        line = f"Test error: no final run finished, 0 of {n_runs} ({ref})"
-    elif n == 1:
-        line = f"Test error = {mean:.2f} % over 1 run, std undefined with one run ({ref})"
-    else:
-        line = f"Test error = {mean:.2f} ± {std:.2f} % over {n} runs ({ref})"
-    if 0 < n < n_runs:
-        line += f" -- PARTIAL: {n_runs - n} of the {n_runs} final runs failed"
-    result = {"n": n, "n_runs": n_runs, "partial": n < n_runs, "mean_error": mean}
-    return {**result, "std_error": std, "paper": paper, "line": line}
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2%}"
-
-
-def _row(*cells: Any) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
-
-
-def _table(title: str, *header: str) -> list[str]:
-    return ["", f"## {title}", "", _row(*header), _row(*["---"] * len(header))]
-
-
-def write_report(root: str, rep: dict[str, Any]) -> None:
-    """report.json, report.md, report.png and the picked cell (normal.png, reduce.png)."""
-    import genotypes as gt
-    import visualize
-
-    _write(os.path.join(root, "report.json"), json.dumps(rep, indent=2) + "\n")
-    p, pick, s = rep["protocol"], rep["picked"], rep["summary"]
-    seeds = lambda ks: ", ".join(f"search-{k}" for k in ks)  # noqa: E731
-    failed = lambda r: f"**{r['error']}**"  # noqa: E731
-    md = [
-        f"# DARTS protocol `{p['name']}` on {p['dataset']}",
-        "",
-        f"- {p['searches']} searches (seeds 1..{p['searches']}): "
-        f"`search.py {shlex.join(p['search_args'])}`",
-        f"- selection: each distinct genotype trained from scratch for {p['select_epochs']} "
-        f"epochs (seed {SELECT_SEED}), scored by its final top-1 on {p['select_val_portion']:g} "
-        f"of the training set held out (`--no_test`: the test set is never opened); a tie goes "
-        f"to the lowest search seed",
-        f"- {p['final_runs']} final runs (seeds 1..{p['final_runs']}): "
-        f"`augment.py {shlex.join(p['augment_args'])}`",
-    ]
-    md += _table("Searches", "search", "genotype", "selection run", "val top1")
-    for r in rep["searches"]:
-        cell = f"`{r['genotype']}`" if r["ok"] else failed(r)
-        md.append(_row(r["run"], cell, r["selection"] or "-", _pct(r["val_top1"])))
-    md += _table("Selection", "run", "found by", "val top1")
-    for r in rep["selection"]:
-        md.append(
-            _row(r["run"], seeds(r["searches"]), _pct(r["val_top1"]) if r["ok"] else failed(r))
-        )
-    md += [""]
-    for r in rep["selection"]:
-        if len(r["searches"]) > 1:
-            md += [
-                f"{seeds(r['searches'])} found the same genotype, trained once ({r['run']}).",
-                "",
-            ]
-    if pick is None:
-        md += ["**No cell was picked: no selection run finished.**"]
-    else:
-        md += [
-            f"**Picked:** the cell of {seeds(pick['searches'])} ({pick['run']}, val top1 "
-            f"{_pct(pick['val_top1'])}, among {pick['among']}).",
-            "",
-            f"`{pick['genotype']}`",
-            "",
-        ]
-        if pick["tied_with"]:
-            md += [
-                f"Tied with {', '.join(pick['tied_with'])}: the lowest search seed is picked.",
-                "",
-            ]
-        if visualize.dot_available():
-            visualize.plot_genotype(gt.from_str(pick["genotype"]), root)
-            md += ["![normal cell](normal.png) ![reduction cell](reduce.png)"]
-        else:
-            md += ["(graphviz's `dot` is not installed: the cell is not drawn)"]
-    md += _table("Final runs", "run", "seed", "test top1", "test error")
-    for r in rep["final"]:
-        cells = [_pct(r["test_top1"]), f"{r['test_error']:.2f} %"] if r["ok"] else [failed(r), ""]
-        md.append(_row(r["run"], r["seed"], *cells))
-    md += _table("Time", "stage", "wall time", "its runs' epoch times, summed")
-    for st, t in rep["time"].items():
-        md.append(_row(st, f"{t['wall_s']:.0f} s", f"{t['runs_s']:.0f} s"))
-    md += ["", "Wall times add up the protocol's invocations (--resume).", ""]
-    if plot(rep, os.path.join(root, "report.png")):
-        md += ["![selection accuracies and final runs](report.png)", ""]
-    _write(os.path.join(root, "report.md"), "\n".join([*md, s["line"]]) + "\n")
-
-
-def plot(rep: dict[str, Any], out: str) -> bool:
-    """The selection accuracies (the picked one in orange) and the final runs' test errors."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sel = [r for r in rep["selection"] if r["ok"]]
-    errors, s = [r["test_error"] for r in rep["final"] if r["ok"]], rep["summary"]
-    if not sel:
-        return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    colors = ["tab:orange" if r["run"] == rep["picked"]["run"] else "tab:blue" for r in sel]
-    a.bar([r["run"] for r in sel], [100 * r["val_top1"] for r in sel], color=colors)
-    a.set(title="Selection (orange: picked)", ylabel="val top-1 (%)")
-    b.plot([0.0] * len(errors), errors, "o", alpha=0.6)
-    if s["mean_error"] is not None:
-        b.axhline(s["mean_error"], color="k", label=f"mean {s['mean_error']:.2f} %")
-    if s["std_error"] is not None:
-        m, sd = s["mean_error"], s["std_error"]
-        b.axhspan(m - sd, m + sd, color="k", alpha=0.1, label=f"± std {sd:.2f}")
-    b.set(title=f"Final runs ({s['n']} of {s['n_runs']})", ylabel="test error (%)", xticks=[])
-    if errors:
-        b.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     if ROOT not in sys.path:  # the scripts and their modules live one folder up
@@ -618,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             lock = RunLock(root)  # one protocol at a time in a folder
         except OSError as e:
             raise ConfigError(f"cannot write to {root}: {e.strerror}") from None
-        _write(os.path.join(root, "protocol.json"), json.dumps(kept, indent=2) + "\n")
+        write_text(os.path.join(root, "protocol.json"), json.dumps(kept, indent=2) + "\n")
         wall = {}
         if os.path.exists(os.path.join(root, "time.json")):
             with open(os.path.join(root, "time.json")) as f:
@@ -628,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             with interruptible():
                 rep = protocol.run(first_order)
         finally:
-            _write(os.path.join(root, "time.json"), json.dumps(protocol.wall) + "\n")
-        write_report(root, rep)
+            write_text(os.path.join(root, "time.json"), json.dumps(protocol.wall) + "\n")
+        write_report(root, rep, SELECT_SEED)
         lock.release()
     except UserError as e:
         print(f"protocol.py: error: {e}", file=sys.stderr)

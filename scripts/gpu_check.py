@@ -615,7 +615,7 @@ def protocol(c: Check) -> str:
         s_args += " --first_order"
         a_args = "--layers 3 --init_channels 4 --batch_size 128 --workers 0 --cutout_length 4"
         a_args += " --epochs 1"
-    else:  # README's tiny protocol
+    else:  # the tiny protocol of docs/protocol.md
         counts = "--searches 2 --select_epochs 2 --final_runs 2".split()
         s_args = "--epochs 2 --layers 5 --init_channels 8"
         a_args = "--layers 6 --init_channels 16 --epochs 3 --cutout_length 4"

@@ -8,7 +8,8 @@ A 2-epoch search picks its genotype from softmax weights that differ by ~1e-4 (s
 uniform), and Adam turns a gradient's last float32 bits into whole update steps: two float32
 runs whose arithmetic is the same but for the order of float additions (a grouped conv for
 separate convs, another thread count) end with different genotypes. In float64 they agree
-(docs/benchmarks.md, issue 22's check of the batched edges).
+(docs/benchmarks.md, the check of the batched edges; tests/test_search_cnn.py has a short
+float64 search of both layouts).
 """
 
 import os

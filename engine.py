@@ -326,6 +326,7 @@ class Run:
         to the history only. Then the checkpoint (and ``best.pth.tar`` when ``is_best``) and
         ``write_files()``, all rebuilt from the history, so a resumed run has every epoch once.
         """
+        tracked = self._checked_tracked("Run.end_epoch()")
         epoch = record["epoch"]
         record["time"] = time.time() - self._epoch_t0
         for k, v in record.items():
@@ -335,7 +336,6 @@ class Run:
         self.history.append({**record, **detail})
         if not self.is_main:
             return
-        tracked = self._checked_tracked("Run.end_epoch()")
         state = {key: obj.state_dict() for key, obj in tracked.items()}
         state.update(
             epoch=epoch,

@@ -13,7 +13,8 @@ best epoch. Writes augments/<name>/: augment.log, config.json, tb/ (tensorboard)
 metrics.jsonl, curves.png, checkpoint.pth.tar (every epoch) and best.pth.tar (the best epoch).
 
 The loop, the run folder and the checkpoints are engine.py's; this file holds the model, the
-data and the training step.
+data, the training step (:func:`train_step`, the function that scripts/benchmark.py times) and
+the stage around them (:func:`train`).
 """
 
 from __future__ import annotations

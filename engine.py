@@ -22,6 +22,10 @@ A run, as the stages use it::
         for epoch in run.epochs():                   # resumes after the last saved epoch
             train = train_one_epoch(run, step, loader, epoch)
             run.end_epoch(record, ...)               # tensorboard, metrics.jsonl, checkpoint
+
+The checkpoint is what ``track()`` names plus :data:`RUN_KEYS`. Out of this order (``run.extra``
+assigned, ``track()`` twice or before ``start()``, ``run.model`` or ``run.epochs()`` before
+``track()``), Run raises :class:`RunOrderError`: a bug in the stage, with its traceback.
 """
 
 from __future__ import annotations

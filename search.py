@@ -8,7 +8,8 @@ alphas per epoch), genotypes.txt (one genotype per epoch), metrics.jsonl, plots/
 epoch), checkpoint.pth.tar and genotype.txt (the final genotype).
 
 The loop, the run folder and the checkpoints are engine.py's; this file holds the model, the
-data split and the step of the paper's Algorithm 1.
+data split, the step of the paper's Algorithm 1 (:func:`search_step`, the function that
+scripts/benchmark.py times) and the stage around them (:func:`search`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ best epoch. Writes augments/<name>/: augment.log, config.json, tb/ (tensorboard)
 metrics.jsonl, curves.png, checkpoint.pth.tar (every epoch) and best.pth.tar (the best epoch).
 
 The loop, the run folder and the checkpoints are engine.py's; this file holds the model, the
-data and the training step.
+data, the training step (:func:`train_step`, the function that scripts/benchmark.py times) and
+the stage around them (:func:`train`).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def describe(model: AugmentCNN) -> str:
 def init_weights(cfg: AugmentConfig, genotype: gt.Genotype) -> official.Matched | None:
     """``--init_from``: the file's tensors matched onto the network of ``cfg`` (official.py:
     the authors' formats or this project's checkpoints; every tensor but the classifiers of
-    another class count), checked before anything is written and loaded by :func:`run`.
+    another class count), checked before anything is written and loaded by :func:`train`.
     None without --init_from, and on --resume (the run's checkpoint holds its weights)."""
     if not cfg.init_from or cfg.resume:
         return None
@@ -246,13 +247,13 @@ def init_weights(cfg: AugmentConfig, genotype: gt.Genotype) -> official.Matched 
     return matched
 
 
-def run(
+def train(
     cfg: AugmentConfig, genotype: gt.Genotype, init: official.Matched | None = None
 ) -> tuple[float, float]:
-    """Train and evaluate; returns the final epoch's top-1 and the best epoch's (selected on the
-    validation split when there is one, else on the test set), in [0, 1], on the test set (on
-    the validation split with ``--no_test``). ``init``: the weights to start from
-    (:func:`init_weights`)."""
+    """The augment stage: train with :func:`train_step`, evaluate after every epoch; returns
+    the final epoch's top-1 and the best epoch's (selected on the validation split when there
+    is one, else on the test set), in [0, 1], on the test set (on the validation split with
+    ``--no_test``). ``init``: the weights to start from (:func:`init_weights`)."""
     input_size = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size).input_size
     with engine.Run.open(cfg, RUN_ROOT, "augment") as run:
         dtype = amp_dtype(cfg.amp, run.device)  # refused on this device before anything is written
@@ -277,9 +278,17 @@ def run(
         train_model = wrap_ddp(model, run.dist, run.device)  # averages the gradients
         aux_weight = cfg.aux_weight if model.aux_head is not None else 0.0
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        run.extra = {"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)}
-        tracked = dict(model=model, optimizer=optimizer, scheduler=scheduler)
-        run.track(**tracked, **({"scaler": scaler} if scaler is not None else {}))
+        # The checkpoint: these state_dicts and values (restored here on --resume), and what Run
+        # adds to every checkpoint (engine.RUN_KEYS): epoch, global_step, history (every
+        # epoch's record), config, rng (the Python, NumPy, torch and CUDA states, and the batch
+        # order's).
+        run.track(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,  # --amp fp16 only: left out of the checkpoint when None
+            extra={"best_top1": -1.0, "best_epoch": 0, "genotype": gt.to_str(genotype)},
+        )
         select = "val" if val_loader is not None else "test"  # the split that picks the best
         report = "test" if test_loader is not None else "val"  # the split of the final figure
 
@@ -305,10 +314,10 @@ def run(
             if isinstance(train_loader.sampler, DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             run.logger.info(f"Epoch {epoch}: lr {lr:.6f} drop_path_prob {drop_p:.4f}")
-            train = engine.train_one_epoch(run, step, train_loader, epoch)
+            trained = engine.train_one_epoch(run, step, train_loader, epoch)
             scheduler.step()
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "drop_path_prob": drop_p}
-            record.update({f"train_{k}": v for k, v in train.items()})
+            record.update({f"train_{k}": v for k, v in trained.items()})
             splits = {"val": val_loader, "test": test_loader}
             is_best = evaluate_epoch(run, model, splits, record, select, dtype)
             engine.log_skipped_files(run, train_loader.dataset, val_loader, test_loader)
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize, with_val=not cfg.no_test
         )
         init = init_weights(cfg, genotype)
-        return cfg, lambda: run(cfg, genotype, init)
+        return cfg, lambda: train(cfg, genotype, init)
 
     return engine.script_main(__file__, RUN_ROOT, argv, prepare)
 

@@ -17,10 +17,15 @@ A run, as the stages use it::
     with Run.open(cfg, "searchs", "search") as run:  # reads only: device, resume check
         loaders = make_loaders(cfg, run)             # data checks, before anything is written
         run.start("Search")                          # folder, lock, log, config.json, seed
-        run.track(model=model, w_optim=w_optim, ...) # what the checkpoint holds
+        run.track(model=model, w_optim=w_optim,      # the checkpoint's keys, one literal;
+                  extra={"best_top1": -1.0})         # restored here on --resume
         for epoch in run.epochs():                   # resumes after the last saved epoch
             train = train_one_epoch(run, step, loader, epoch)
             run.end_epoch(record, ...)               # tensorboard, metrics.jsonl, checkpoint
+
+The checkpoint is what ``track()`` names plus :data:`RUN_KEYS`. Out of this order (``run.extra``
+assigned, ``track()`` twice or before ``start()``, ``run.model`` or ``run.epochs()`` before
+``track()``), Run raises :class:`RunOrderError`: a bug in the stage, with its traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +78,17 @@ M = TypeVar("M", bound=nn.Module)
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the epoch, step and last checkpoint."""
+
+
+class RunOrderError(RuntimeError):
+    """A stage used :class:`Run` against its contract (``extra`` assigned, ``track()`` twice,
+    ``model`` read before ``track()`` ...): a bug in the stage, never the user's input, so it
+    ends with its traceback, not with a one-line error."""
+
+
+# What Run itself adds to every checkpoint, next to the tracked objects' state_dicts and the
+# stage's counters (Run.track's ``extra``): neither may use these keys.
+RUN_KEYS = ("epoch", "global_step", "history", "config", "rng")
 
 
 class StageConfig(Protocol):
@@ -155,8 +171,9 @@ class Run:
     logger: Any = None
     writer: Any = None
     lock: RunLock | None = None
-    tracked: dict[str, Any] = dataclasses.field(default_factory=dict)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved counters (best ...)
+    # Set once, by track(): the checkpointed objects, and the stage's counters (best ...).
+    _tracked: dict[str, Any] | None = None
+    _extra: dict[str, Any] | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     global_step: int = 0
     data_gen: torch.Generator = dataclasses.field(default_factory=torch.Generator)
@@ -218,12 +235,30 @@ class Run:
         """``model`` on the run's device, in the memory format of ``--memory_format``."""
         return model.to(self.device).to(memory_format=memory_format(self.cfg.memory_format))
 
-    def track(self, **objects: Any) -> None:
-        """The objects whose ``state_dict`` the checkpoint holds (model, optimizers, scheduler),
-        under their keyword; with ``--resume`` their state is restored here, with the history,
-        the counters in :attr:`extra`, the global step and every RNG."""
-        self.tracked = objects
-        upgrade = getattr(objects.get("model"), "upgrade_checkpoint", None)
+    def track(
+        self, *, model: nn.Module, extra: dict[str, Any] | None = None, **objects: Any
+    ) -> None:
+        """Name what the checkpoint holds, once, after :meth:`start`: ``model`` and the other
+        ``objects`` (optimizers, scheduler, scaler; None for one the run does not use) by
+        their ``state_dict`` under their keyword, and ``extra``, the stage's own counters with
+        their initial values (``{"best_top1": -1.0}``), saved as they are. With ``--resume``
+        all of it is restored here from the checkpoint: the states, the values of ``extra``'s
+        keys, the history, the global step and every RNG. Run adds :data:`RUN_KEYS` itself.
+        Raises :class:`RunOrderError` when called before :meth:`start`, twice, or with a key
+        that two of these share."""
+        if self._tracked is not None:
+            raise RunOrderError("Run.track() called twice: a run names its checkpoint once")
+        if self.logger is None:
+            raise RunOrderError("Run.track() called before Run.start()")
+        objects = {"model": model, **{k: v for k, v in objects.items() if v is not None}}
+        extra = dict(extra or {})
+        keys, own = set(objects), set(RUN_KEYS)
+        clash = sorted((keys & own) | (set(extra) & (keys | own)))
+        if clash:
+            raise RunOrderError(
+                f"Run.track(): the checkpoint key(s) {', '.join(clash)} would be written twice"
+            )
+        upgrade = getattr(model, "upgrade_checkpoint", None)
         if self.resumed is not None and upgrade is not None:
             self.resumed = upgrade(self.resumed)  # a checkpoint of an older layout, converted
         if self.resumed is not None:
@@ -232,10 +267,11 @@ class Run:
             set_rng_state(self.resumed["rng"], self.data_gen)
             self.history = self.resumed["history"]
             self.global_step = self.resumed["global_step"]
-            self.extra = {k: self.resumed[k] for k in self.extra}
+            extra = {k: self.resumed[k] for k in extra}
             self.logger.info(
                 f"Resumed from {self.path(CHECKPOINT)} after epoch {self.resumed['epoch']}"
             )
+        self._tracked, self._extra = objects, extra
         if self.is_main:
             from tensorboardX import SummaryWriter  # a heavy import, only needed by a run
 
@@ -245,12 +281,38 @@ class Run:
         else:
             self.writer = NullWriter()
 
+    def _checked_tracked(self, what: str) -> dict[str, Any]:
+        if self._tracked is None:
+            raise RunOrderError(
+                f"{what} before Run.track(model=..., extra=...): nothing is tracked yet, and a "
+                f"resumed run has not restored its state"
+            )
+        return self._tracked
+
     @property
     def model(self) -> nn.Module:
-        return self.tracked["model"]
+        """The model given to :meth:`track` (not wrapped in DDP)."""
+        return self._checked_tracked("Run.model read")["model"]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The stage's counters saved with every checkpoint (:meth:`track`'s ``extra``, restored
+        on --resume); update its values in place. A key added later is saved too, but only
+        ``extra``'s keys are restored: the stage reads any other in :attr:`resumed`."""
+        self._checked_tracked("Run.extra read")
+        assert self._extra is not None
+        return self._extra
+
+    @extra.setter
+    def extra(self, value: dict[str, Any]) -> None:
+        raise RunOrderError(
+            "Run.extra assigned: give the counters to Run.track(extra={...}), which restores "
+            "them on --resume, and update their values in place"
+        )
 
     def epochs(self) -> Iterator[int]:
         """The epochs still to run (1-based), timing each."""
+        self._checked_tracked("Run.epochs()")
         start = self.resumed["epoch"] + 1 if self.resumed is not None else 1
         for epoch in range(start, self.cfg.epochs + 1):
             self._epoch_t0 = time.time()
@@ -268,6 +330,7 @@ class Run:
         to the history only. Then the checkpoint (and ``best.pth.tar`` when ``is_best``) and
         ``write_files()``, all rebuilt from the history, so a resumed run has every epoch once.
         """
+        tracked = self._checked_tracked("Run.end_epoch()")
         epoch = record["epoch"]
         record["time"] = time.time() - self._epoch_t0
         for k, v in record.items():
@@ -277,7 +340,7 @@ class Run:
         self.history.append({**record, **detail})
         if not self.is_main:
             return
-        state = {key: obj.state_dict() for key, obj in self.tracked.items()}
+        state = {key: obj.state_dict() for key, obj in tracked.items()}
         state.update(
             epoch=epoch,
             global_step=self.global_step,

@@ -8,7 +8,8 @@ alphas per epoch), genotypes.txt (one genotype per epoch), metrics.jsonl, plots/
 epoch), checkpoint.pth.tar and genotype.txt (the final genotype).
 
 The loop, the run folder and the checkpoints are engine.py's; this file holds the model, the
-data split and the step of the paper's Algorithm 1.
+data split, the step of the paper's Algorithm 1 (:func:`search_step`, the function that
+scripts/benchmark.py times) and the stage around them (:func:`search`).
 """
 
 from __future__ import annotations
@@ -209,7 +210,10 @@ def derive_final(
     return gt.Genotype(cell, concat, gt.parse(reduce, k=2), concat), note
 
 
-def run(cfg: SearchConfig) -> gt.Genotype:
+def search(cfg: SearchConfig) -> gt.Genotype:
+    """The search stage: the supernet trained by :func:`search_step` for ``--epochs``, the
+    alphas, genotype and plots of every epoch, then the final genotype (with ``--max_skip``,
+    or the early stop's epoch), printed and written to genotype.txt. Returns it."""
     import visualize
 
     info = dataset_info(cfg.dataset, cfg.data_path, cfg.image_size)
@@ -239,8 +243,17 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         # averages its own gradients. Alphas are not DDP's business.
         alpha_names = [n for n, _ in model.named_alphas()]
         train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names)
-        run.extra = {"best_top1": -1.0, "best_genotype": ""}
-        run.track(model=model, w_optim=w_optim, alpha_optim=alpha_optim, scheduler=scheduler)
+        # The checkpoint: these state_dicts and counters (restored here on --resume), an
+        # "early_stop" record once --early_stop fires, and what Run adds to every checkpoint
+        # (engine.RUN_KEYS): epoch, global_step, history (every epoch's record and alphas),
+        # config, rng (the Python, NumPy, torch and CUDA states, and the batch order's).
+        run.track(
+            model=model,  # weights, alphas and BN statistics
+            w_optim=w_optim,
+            alpha_optim=alpha_optim,
+            scheduler=scheduler,
+            extra={"best_top1": -1.0, "best_genotype": ""},  # by the held-out split
+        )
         # --hessian_eigen: the probe's fixed batches, un-augmented images of the alpha half
         # chosen by the seed (the same in a resumed run; no random stream is touched).
         probe = None
@@ -272,8 +285,10 @@ def run(cfg: SearchConfig) -> gt.Genotype:
         def step(batch: tuple[Batch, Batch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             trn, val = batch
             lr = float(scheduler.get_last_lr()[0])  # xi of the virtual step: the epoch's lr
-            arch_step(architect, alpha_optim, trn, val, lr, w_optim, cfg.first_order)
-            loss, logits = weight_step(train_model, w_optim, trn, cfg.w_grad_clip)
+            loss, logits = search_step(
+                train_model, architect, w_optim, alpha_optim, trn, val, lr,
+                cfg.first_order, cfg.w_grad_clip,
+            )  # fmt: skip
             return loss, logits, trn[1]
 
         loaders = engine.Paired(train_loader, valid_loader)
@@ -360,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SearchConfig.from_argv(argv)
         set_max_image_pixels(cfg.max_image_pixels)
         cfg.normalize = resolve_normalize(cfg.dataset, cfg.data_path, cfg.image_size, cfg.normalize)
-        return cfg, lambda: run(cfg)
+        return cfg, lambda: search(cfg)
 
     return engine.script_main(__file__, RUN_ROOT, argv, prepare)
 

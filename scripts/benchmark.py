@@ -12,7 +12,13 @@ Figures (what is timed is the code of the scripts, imported, not a copy):
 - ``first_order`` / ``second_order`` / ``second_order_exact``: ``search.search_step`` with the
   Architect's first-order gradient, its second-order gradient with the finite-difference
   Hessian-vector product (the paper's) and with the exact one (double backward);
-- ``augment``: ``augment.train_step`` on the DARTS_V2 network with its auxiliary head.
+- ``augment``: ``augment.train_step`` on the DARTS_V2 network with its auxiliary head, with
+  the arguments that augment.py's step passes it (the defaults' auxiliary weight, clipping and
+  label smoothing; ``--dtype bfloat16`` as ``--amp bf16``).
+
+The search figures call ``search.search_step`` as search.py's step does (the weight step
+through the model the stage trains, the alpha step through the Architect), at the first epoch's
+learning rate; tests/test_run_contract.py checks that both go through the same function.
 
 Each figure is the median over ``--steps`` steps after ``--warmup`` steps. Peak memory is the
 process's peak resident set (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on
@@ -205,9 +211,13 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
             net.parameters(), a.lr, momentum=a.momentum, weight_decay=a.weight_decay
         )
         X, y = batch(shape["batch"])
+        amp = torch.bfloat16 if args.dtype == "bfloat16" else None  # as augment.py's --amp bf16
 
         def augment_step() -> None:
-            augment.train_step(net, optim, X, y, a.aux_weight, a.grad_clip)
+            # the arguments of augment.train's step (no gradient scaler: that is --amp fp16's)
+            augment.train_step(
+                net, optim, X, y, a.aux_weight, a.grad_clip, a.label_smoothing, amp, None
+            )
 
         return augment_step
 
@@ -247,6 +257,7 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     first_order = figure == "first_order"
 
     def step() -> None:
+        # search.search's step, at the first epoch's learning rate (xi of the virtual step)
         search.search_step(
             model, architect, w_optim, alpha_optim, trn, val, s.w_lr, first_order, s.w_grad_clip
         )
@@ -272,10 +283,21 @@ def _conditions(figure: str, args: argparse.Namespace, device: Any) -> dict[str,
     }
 
 
-def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``figure`` in this process; return its result record."""
+def _autocast(figure: str, args: argparse.Namespace, device: Any) -> Any:
+    """The autocast around a step of ``figure`` for ``--dtype bfloat16``: the whole search step
+    (the search stage has no --amp of its own); none around the augment step, whose
+    augment.train_step autocasts its forward itself, as in augment.py."""
     import contextlib
 
+    import torch
+
+    if args.dtype == "bfloat16" and figure != "augment":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``figure`` in this process; return its result record."""
     import torch
 
     if args.threads is not None:
@@ -287,11 +309,7 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("benchmark.py: --dtype bfloat16 is for CUDA only")
     load_before = os.getloadavg()[0]
     step = _build_step(figure, args, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if args.dtype == "bfloat16"
-        else contextlib.nullcontext()
-    )
+    autocast = _autocast(figure, args, device)
     times = []
     for i in range(args.warmup + args.steps):
         _sync(device)
@@ -391,9 +409,11 @@ def count_ops(figure: str, args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     step = _build_step(figure, args, device)
-    step()  # warm-up: optimizer state (momentum buffers, Adam moments) exists from here on
+    autocast = _autocast(figure, args, device)
+    with autocast:
+        step()  # warm-up: optimizer state (momentum buffers, Adam moments) exists from here on
     counter = op_counter()
-    with counter:
+    with counter, autocast:
         step()
     return {
         "figure": figure,

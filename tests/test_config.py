@@ -271,7 +271,8 @@ def test_config_reproduces_a_search(tmp_path, monkeypatch, capsys):
 # The code version
 # --------------------------------------------------------------------------------------------
 def git(repo, *args: str) -> str:
-    cmd = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    cmd = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    cmd += ["-c", "commit.gpgsign=false", *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
 
 

@@ -393,7 +393,8 @@ class AugmentConfig(BaseConfig):
     """DARTS augment: train the network of a genotype from scratch and report test accuracy.
     With --dataset imagenet the defaults are the paper's ImageNet recipe: 250 epochs, batch
     128, lr 0.1 times 0.97 after every epoch, weight decay 3e-5, label smoothing 0.1, no drop
-    path and no Cutout, C = 48, 14 layers, the ImageNet network; flags given win."""
+    path and no Cutout, C = 48, 14 layers, the ImageNet network; flags given, and the settings
+    of a --config file, win."""
 
     genotype: str = _arg(
         "",

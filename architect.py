@@ -32,12 +32,15 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from config import HESSIAN_MODES
 from distributed import all_reduce_mean, tf32_disabled
 from models.kernels import running_stats_frozen
 from models.search_cnn import SearchCNNController
 
 FD_SCALE = 0.01  # eps = FD_SCALE / ||dw'|| (paper, footnote to eq. 8)
+# How the Hessian-vector product of eq. 7 is computed: the central difference of eq. 8 (the
+# paper's) or double backward. config.py takes --hessian's choices from here, so that importing
+# the architecture step needs neither the data sets (torchvision) nor the weight files.
+HESSIAN_MODES = ("finite", "exact")
 
 
 class Architect:

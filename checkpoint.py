@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils import ConfigError, atomic_write
+from utils import ConfigError, atomic_write, code_version
 
 CHECKPOINT = "checkpoint.pth.tar"
 LOCK = ".lock"
@@ -44,7 +44,10 @@ RESUMABLE_CHANGES = {
 # Checkpoint files
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """Write atomically (:func:`utils.atomic_write`), flushed to the disk before the rename."""
+    """Write ``state`` with the version of the code that wrote it (``code_version``:
+    :func:`utils.code_version`), atomically (:func:`utils.atomic_write`), flushed to the disk
+    before the rename."""
+    state = {**state, "code_version": code_version()}
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

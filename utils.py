@@ -1,13 +1,17 @@
 """Small helpers every stage shares: the user-error base class, seeds, logging, meters, atomic
-files and JSON lines. Nothing here knows about configs, models or processes (distributed.py,
-checkpoint.py and engine.py build on it)."""
+files, JSON lines and the code version a run records. Nothing here knows about configs, models
+or processes (distributed.py, checkpoint.py and engine.py build on it)."""
 
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
 import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -204,3 +208,54 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{n + 1}: not a JSON object") from None
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The code version a run records (config.json, every checkpoint)
+# --------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# The project's source files, as the Docker image copies them (Dockerfile: *.py, models/, scripts/).
+SOURCES = ("*.py", "models/*.py", "scripts/*.py")
+
+
+@functools.cache
+def code_version() -> str:
+    """The version of the code this process runs (:func:`version_of` the project), computed
+    once per process."""
+    return version_of(ROOT)
+
+
+def version_of(root: str) -> str:
+    """The git commit of the project at ``root`` (``git rev-parse HEAD``), followed by ``-dirty``
+    where a tracked file differs from it; without git (a Docker image holds no .git, or git is
+    missing or refuses the folder), ``source-sha256:`` and the hash of its source files."""
+    return _git_version(root) or "source-sha256:" + source_hash(root)
+
+
+def _git_version(root: str) -> str | None:
+    def git(*args: str) -> str:
+        # --no-optional-locks: a status never writes the index (another git may be running).
+        cmd = ["git", "--no-optional-locks", "-C", root, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel").strip()) != os.path.realpath(root):
+            return None  # the project's files, copied into some other repository
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.SubprocessError):  # no git, no repository, no commit yet
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def source_hash(root: str) -> str:
+    """SHA-256 over the source files under ``root`` (:data:`SOURCES`): each one's path, size
+    and bytes, in path order."""
+    h = hashlib.sha256()
+    files = sorted({p for pattern in SOURCES for p in glob.glob(os.path.join(root, pattern))})
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(f"{os.path.relpath(path, root)}\0{len(data)}\0".encode())  # unambiguous
+        h.update(data)
+    return h.hexdigest()

@@ -156,7 +156,7 @@ def test_help_prints_every_default(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--dataset", "svhn"], "--dataset: invalid choice: 'svhn' (choose from 'cifar10', "),
         (["--dataset", "mnist", "--data_path", "EMPTY"], "MNIST"),
         (["--dataset", "digits", "--train_portion", "1.5"], "--train_portion must be in (0, 1)"),
         (["--dataset", "digits", "--layers", "2"], "--layers must be >= 3"),
@@ -165,8 +165,13 @@ def test_help_prints_every_default(capsys):
         (["--dataset", "digits", "--workers", "-1"], "--workers must be >= 0"),
         (["--dataset", "digits", "--gpus", "x"], "--gpus must be a comma list"),
         (["--dataset", "digits", "--device", "tpu"], "--device must be"),
-        (["--dataset", "digits", "--hessian", "approx"], "--hessian must be finite or exact"),
-        (["--dataset", "digits", "--memory_format", "nhwc"], "--memory_format must be"),
+        (
+            ["--dataset", "digits", "--hessian", "approx"],
+            "--hessian: invalid choice: 'approx' (choose from 'finite', 'exact')",
+        ),
+        (["--dataset", "digits", "--memory_format", "nhwc"], "--memory_format: invalid choice"),
+        (["--dataset", "digits", "--layers", "x"], "--layers: invalid int value: 'x'"),
+        (["--dataset", "digits", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
         (["--dataset", "digits", "--device", "cuda"], "no CUDA GPU is visible"),
         (["--dataset", "digits", "--w_lr", "nan"], "--w_lr must be a finite number, got nan"),
         (["--dataset", "digits", "--alpha_lr", "inf"], "--alpha_lr must be a finite number"),

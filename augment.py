@@ -280,8 +280,8 @@ def train(
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         # The checkpoint: these state_dicts and values (restored here on --resume), and what Run
         # adds to every checkpoint (engine.RUN_KEYS): epoch, global_step, history (every
-        # epoch's record), config, rng (the Python, NumPy, torch and CUDA states, and the batch
-        # order's).
+        # epoch's record), config, code_version (the commit), rng (the Python, NumPy, torch and
+        # CUDA states, and the batch order's).
         run.track(
             model=model,
             optimizer=optimizer,

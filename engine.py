@@ -88,7 +88,8 @@ class RunOrderError(RuntimeError):
 
 # What Run itself adds to every checkpoint, next to the tracked objects' state_dicts and the
 # stage's counters (Run.track's ``extra``): neither may use these keys.
-RUN_KEYS = ("epoch", "global_step", "history", "config", "rng")
+# code_version is written by checkpoint.save_checkpoint, through which every checkpoint goes.
+RUN_KEYS = ("epoch", "global_step", "history", "config", "code_version", "rng")
 
 
 class StageConfig(Protocol):

@@ -246,7 +246,8 @@ def search(cfg: SearchConfig) -> gt.Genotype:
         # The checkpoint: these state_dicts and counters (restored here on --resume), an
         # "early_stop" record once --early_stop fires, and what Run adds to every checkpoint
         # (engine.RUN_KEYS): epoch, global_step, history (every epoch's record and alphas),
-        # config, rng (the Python, NumPy, torch and CUDA states, and the batch order's).
+        # config, code_version (the commit), rng (the Python, NumPy, torch and CUDA states,
+        # and the batch order's).
         run.track(
             model=model,  # weights, alphas and BN statistics
             w_optim=w_optim,

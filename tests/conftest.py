@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root, fake data sets in their real on-disk formats."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -36,6 +37,19 @@ def run_script(script, *args, cwd, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def load_script(path, name=None):
+    """Import one of the project's scripts by its path in the repository ("scripts/x.py") as a
+    module. It is registered in sys.modules under ``name`` (default: the file's stem) before it
+    runs: dataclasses look their module up while it executes. Nothing runs at import: every
+    script keeps its work in ``main()``."""
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks

@@ -2,24 +2,17 @@
 
 Tiny shapes; no timing is asserted (the figures depend on the machine)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
 TINY = ["--size", "8", "--channels", "4", "--layers", "3", "--batch", "4"]
 TINY += ["--steps", "1", "--warmup", "0"]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", os.path.join(ROOT, "scripts", "benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # nothing runs at import
-    return module
+    return load_script("scripts/benchmark.py")
 
 
 def check_record(r, figure):
@@ -67,11 +60,7 @@ def test_hessian_check_reports_every_eps_scale(capsys):
     """scripts/hessian_check.py on a tiny supernet: one line per eps scale. In float64 the
     central difference at a small eps must agree with the exact product (it converges as
     eps -> 0 while rounding stays far below): the script compares what it says it compares."""
-    spec = importlib.util.spec_from_file_location(
-        "hessian_check", os.path.join(ROOT, "scripts", "hessian_check.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/hessian_check.py")
     args = ["--data", "digits", "--batch", "16", "--channels", "4", "--layers", "3"]
     args += ["--train_steps", "1", "--dtype", "float64", "--scales", "0.01,1e-7"]
     assert module.main(args) == 0

@@ -5,7 +5,6 @@ map names every module with about its size."""
 import contextlib
 import functools
 import glob
-import importlib.util
 import io
 import os
 import re
@@ -14,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
 README_MAX_LINES = 190
@@ -144,10 +143,7 @@ def help_text(script):
     path = os.path.join(ROOT, script)
     if script not in OUT_OF_PROCESS:
         name = "_docs_" + re.sub(r"\W", "_", script[:-3])
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look the module up while it executes
-        spec.loader.exec_module(module)
+        module = load_script(script, name)
         if callable(getattr(module, "main", None)):
             out = io.StringIO()
             with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:

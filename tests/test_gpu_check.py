@@ -3,7 +3,6 @@ no GPU is), its report, and its refusals."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)  # nothing runs at import
-    return module
+    return load_script("scripts/gpu_check.py")
 
 
 @pytest.mark.slow

@@ -5,13 +5,12 @@ rescaling in bfloat16."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import load_script
 
 import checkpoint
 import distributed
@@ -234,11 +233,7 @@ def test_the_hessian_vector_product_runs_without_tf32(hessian, monkeypatch):
 
 
 def test_the_hypergradient_check_runs_without_tf32(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "hessian_check", os.path.join(ROOT, "scripts", "hessian_check.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/hessian_check.py")
     seen = []
     for name in ("_hessian_vector_product", "_exact_hessian_vector_product"):
         original = getattr(Architect, name)

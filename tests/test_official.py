@@ -4,13 +4,12 @@ code (tests/fixtures/official/, see its README)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 from datasets_fakes import write_image_folder
 
 import augment
@@ -55,12 +54,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def load_convert_script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_official", os.path.join(ROOT, "scripts", "convert_official.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/convert_official.py")
 
 
 def one_line_error(text: str) -> str:

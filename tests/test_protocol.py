@@ -3,7 +3,6 @@ tiny sizes, its resume after SIGTERM and after SIGKILL, submitit's local executo
 the selection rules and the checks of its input."""
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 import augment
 from config import AugmentConfig
@@ -31,11 +30,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes at a time on two c
 
 
 def load_protocol():
-    spec = importlib.util.spec_from_file_location("protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["protocol"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)  # nothing runs at import
-    return module
+    return load_script("scripts/protocol.py")
 
 
 def start(cwd, *extra):

@@ -2,20 +2,14 @@
 GPU slot, and returns each run's exit status; exit statuses in words. (The protocol's end-to-end
 tests in test_protocol.py run both executors on real searches, interrupted and resumed.)"""
 
-import importlib.util
 import os
 import sys
 
-from conftest import ROOT
+from conftest import load_script
 
 
 def load_exec():
-    path = os.path.join(ROOT, "scripts", "protocol_exec.py")
-    spec = importlib.util.spec_from_file_location("protocol_exec", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["protocol_exec"] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/protocol_exec.py")
 
 
 def test_run_local_gives_each_run_its_exit_status_and_a_gpu_slot(tmp_path, capsys):

@@ -2,7 +2,6 @@
 misuse loudly; the stages and scripts/benchmark.py go through the same step functions."""
 
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -10,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import load_script
 
 import augment
 import engine
@@ -137,12 +136,7 @@ class FirstStepDone(Exception):
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", os.path.join(ROOT, "scripts", "benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/benchmark.py")
 
 
 class Recording:

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, load_script
 
 import augment
-from config import AugmentConfig
+from config import METADATA_KEYS, AugmentConfig
 
 SEARCH = "--epochs 2 --layers 3 --init_channels 4 --nodes 2 --batch_size 128 --workers 0"
 SEARCH += " --first_order"
@@ -133,8 +133,11 @@ def test_the_selection_never_reads_the_test_set(reference):
         assert len(state["history"]) == 2
         assert not [k for h in state["history"] for k in h if k.startswith("test_")]
         assert state["history"][-1]["val_top1"] == r["val_top1"]
-        # The images the run trained and was scored on: its own config rebuilds its loaders.
-        train, val, test, _ = augment.make_loaders(AugmentConfig(**cfg), pin=False)
+        # The images the run trained and was scored on: its own config rebuilds its loaders
+        # (config.json also records the code version, which is not a setting).
+        assert set(cfg) - set(AugmentConfig.__dataclass_fields__) == set(METADATA_KEYS)
+        settings = {k: v for k, v in cfg.items() if k not in METADATA_KEYS}
+        train, val, test, _ = augment.make_loaders(AugmentConfig(**settings), pin=False)
         train_idx, val_idx = set(train.dataset.indices), set(val.dataset.indices)
         assert test is None and val_idx and not train_idx & val_idx
         assert len(train_idx | val_idx) == len(train.dataset.dataset)  # all of the training set

@@ -247,7 +247,8 @@ def test_config_reproduces_a_search(tmp_path, monkeypatch, capsys):
     same config.json but for the name, the same metrics on the CPU but for the times."""
     monkeypatch.chdir(tmp_path)
     argv = ["--name", "a", "--dataset", "digits", "--epochs", "1", "--layers", "3"]
-    argv += ["--init_channels", "4", "--batch_size", "64", "--workers", "0", "--seed", "5"]
+    argv += ["--init_channels", "4", "--nodes", "2", "--batch_size", "128", "--workers", "0"]
+    argv += ["--seed", "5"]
     assert search.main(argv) == 0
     a = tmp_path / "searchs" / "a"
     assert search.main(["--config", str(a / "config.json"), "--name", "b"]) == 0

@@ -63,11 +63,34 @@ def final_line(cwd, log, what):
     return lines[0]
 
 
-def wait_for(condition, what, timeout=300.0):
+def wait_for(condition, what, timeout=300.0, poll=0.05):
     t0 = time.time()
     while not condition():
         assert time.time() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(poll)
+
+
+def child_pid(parent, name):
+    """The pid of the child process of ``parent`` whose command line holds ``name`` (Linux's
+    /proc), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        if ppid == parent and name.encode() in args:
+            return int(pid)
+    return None
+
+
+def sigterm_pending(pid):
+    """Whether SIGTERM is pending for (stopped) process ``pid``: /proc's pending-signal masks."""
+    with open(f"/proc/{pid}/status") as f:
+        masks = [ln.split()[1] for ln in f if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(int(m, 16) & (1 << (signal.SIGTERM - 1)) for m in masks)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +172,17 @@ def test_interrupted_after_the_first_search_and_resumed_gives_the_same_report(tm
     proc = start(cwd)  # one run at a time
     wait_for(lambda: os.path.exists(os.path.join(folder, "search-1", "genotype.txt")), "search-1")
     ckpt = os.path.join(folder, "search-2", "checkpoint.pth.tar")
-    wait_for(lambda: os.path.exists(ckpt), "search-2's first epoch")
-    proc.send_signal(signal.SIGTERM)  # the protocol stops search-2, which saves its epoch
+    wait_for(lambda: child_pid(proc.pid, "search-2") is not None, "search-2's process")
+    search_2 = child_pid(proc.pid, "search-2")
+    wait_for(lambda: os.path.exists(ckpt), "search-2's first epoch", poll=0.005)
+    # Its second (last) epoch of a few tiny steps can end before the protocol's SIGTERM reaches
+    # it: it is held stopped until the signal is pending, so that it is cut in the middle.
+    os.kill(search_2, signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGTERM)  # the protocol stops search-2, which saves its epoch
+        wait_for(lambda: sigterm_pending(search_2), "the protocol's SIGTERM to search-2")
+    finally:
+        os.kill(search_2, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "interrupted by SIGTERM" in err and err.strip().endswith("--resume")

@@ -249,13 +249,17 @@ class BaseConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The settings and the version of the code (:func:`utils.code_version`): what
+        config.json and the log's header hold."""
+        return {**self.to_dict(), "code_version": code_version()}
+
     def save(self, path: str) -> None:
-        """config.json: the settings and the version of the code (:func:`utils.code_version`)."""
         with open(path, "w") as f:
-            json.dump({**self.to_dict(), "code_version": code_version()}, f, indent=2)
+            json.dump(self.record(), f, indent=2)
 
     def __str__(self) -> str:
-        items = {**self.to_dict(), "code_version": code_version()}
+        items = self.record()
         width = max(len(k) for k in items)
         return "\n".join(f"  {k.upper():<{width}} = {v}" for k, v in items.items())
 

@@ -93,15 +93,25 @@ def running_stats_frozen() -> Iterator[None]:
 
 
 _batches_counted = False
+# Within bookkept(): the running-statistics updates of the centred BNs, made at its end.
+_deferred: list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor, torch.Tensor, int, float]] | None
+_deferred = None
 
 
 @contextlib.contextmanager
-def batches_counted(module: nn.Module) -> Iterator[None]:
-    """Add 1 to the batch counter (``num_batches_tracked``) of every BN of ``module`` in
-    training mode now, in one call, for a forward pass within the block in which each of them
-    runs once: the BNs of this module then leave their counters alone. The counters end as
-    each BN's own ``add_(1)`` would leave them, without one call per BN."""
-    global _batches_counted
+def bookkept(module: nn.Module) -> Iterator[None]:
+    """The BN bookkeeping of a forward pass of ``module`` within the block (in which each BN
+    runs once), in a few calls for all BNs instead of a few per BN:
+
+    - the batch counter (``num_batches_tracked``) of every BN in training mode gets its 1 now,
+      in one call;
+    - the running statistics of the BNs that :func:`scaled_batch_norm` centres
+      (:func:`centers_batch`) are updated at the end of the block, together, from the batch
+      statistics their BN calls returned (:func:`_update_running_stats`).
+
+    Counters and statistics end as each BN's own updates would leave them (the statistics up
+    to the rounding of the last bits)."""
+    global _batches_counted, _deferred
     counters = [
         m.num_batches_tracked
         for m in module.modules()
@@ -114,12 +124,42 @@ def batches_counted(module: nn.Module) -> Iterator[None]:
         yield
         return
     torch._foreach_add_(counters, 1)
-    previous = _batches_counted
-    _batches_counted = True
+    previous = _batches_counted, _deferred
+    _batches_counted, _deferred = True, []
     try:
         yield
+        _update_running_stats(_deferred)
     finally:
-        _batches_counted = previous
+        _batches_counted, _deferred = previous
+
+
+def _update_running_stats(
+    updates: list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor, torch.Tensor, int, float]],
+) -> None:
+    """What each BN call in training mode does to its running statistics, for many BNs at
+    once: running = (1 - m) running + m batch, where the batch mean is the centring shift plus
+    the mean the BN computed (of the centred batch) and the batch variance is the unbiased
+    one, from the BN's inverse standard deviation. updates: (bn, shift (1, C, 1, 1), mean (C),
+    invstd (C), values per channel, momentum) per BN call."""
+    if not updates:
+        return
+    bns = [u[0] for u in updates]
+    sizes = [bn.num_features for bn in bns]
+    with torch.no_grad():
+        mean = (
+            torch.cat([u[1] for u in updates], 1).view(-1).add_(torch.cat([u[2] for u in updates]))
+        )
+        var = torch.cat([u[3] for u in updates]).pow_(-2).split(sizes)
+        torch._foreach_sub_(var, [bn.eps for bn in bns])  # the biased variance
+        torch._foreach_mul_(var, [u[4] / max(u[4] - 1, 1) for u in updates])  # unbiased
+        means = list(mean.split(sizes))
+        momenta = [u[5] for u in updates]
+        running_means = [cast(torch.Tensor, bn.running_mean) for bn in bns]
+        running_vars = [cast(torch.Tensor, bn.running_var) for bn in bns]
+        for running, batch in ((running_means, means), (running_vars, list(var))):
+            torch._foreach_mul_(running, [1.0 - m for m in momenta])
+            torch._foreach_mul_(batch, momenta)
+            torch._foreach_add_(running, batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +230,13 @@ def scaled_batch_norm(
             shift = x.mean((0, 2, 3), keepdim=True)
         # The gradient of BN with respect to the shift is zero: it is a constant.
         x = x.sub_(shift) if fresh else x - shift
+        if running_mean is not None and _deferred is not None:
+            # Within bookkept(): the statistics are updated at its end, with all others.
+            out, mean, invstd = torch.native_batch_norm(
+                x, weight, bias, None, None, True, momentum, bn.eps
+            )
+            _deferred.append((bn, shift, mean, invstd, x.numel() // x.shape[1], momentum))
+            return out
         if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
             running_mean = running_mean.clone()
     running_var = bn.running_var if stats else None
@@ -212,6 +259,25 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return scaled_batch_norm(self, x)
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU
+# --------------------------------------------------------------------------------------------
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """``torch.relu(x)``, the same values and gradient (zero where x <= 0), by F.threshold: its
+    backward reads its input, where relu's reads its output, which autograd saves with one
+    more call (a detach) per ReLU. (The same calls on every device: not behind the switch.)"""
+    return F.threshold(x, 0.0, 0.0)
+
+
+class ReLU(nn.ReLU):
+    """nn.ReLU computed by :func:`relu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,12 +394,16 @@ def _depthwise_weight_grad(
     return torch.cat(parts, dim=-1)
 
 
-def to_phases(x: torch.Tensor) -> torch.Tensor:
+def to_phases(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """(N, C, H, W) -> (4N, C, H/2, W/2), channels-last: the four pixel phases (row parity p,
     column parity q) stacked on the batch, phase (p, q) at batch rows (2p + q) * N + n.
-    One copy. H and W must be even."""
-    N, C, H, W = x.shape
-    nhwc = x.permute(0, 2, 3, 1).reshape(N, H // 2, 2, W // 2, 2, C)
+    One copy. H and W must be even. ``channels_last``: x is given as (N, H, W, C)."""
+    if channels_last:
+        N, H, W, C = x.shape
+        nhwc = x.reshape(N, H // 2, 2, W // 2, 2, C)
+    else:
+        N, C, H, W = x.shape
+        nhwc = x.permute(0, 2, 3, 1).reshape(N, H // 2, 2, W // 2, 2, C)
     phases = nhwc.permute(2, 4, 0, 1, 3, 5).reshape(4 * N, H // 2, W // 2, C)
     return phases.permute(0, 3, 1, 2)
 
@@ -344,6 +414,36 @@ def from_phases(y: torch.Tensor) -> torch.Tensor:
     N = N4 // 4
     nhwc = y.permute(0, 2, 3, 1).reshape(2, 2, N, h, w, C).permute(2, 3, 0, 4, 1, 5)
     return nhwc.reshape(N, 2 * h, 2 * w, C).permute(0, 3, 1, 2)
+
+
+class _PhasesAsImages(torch.autograd.Function):
+    """The view of :func:`phases_as_images`, whose backward is the inverse view (autograd's own
+    backward of as_strided fills a zero tensor and copies the gradient into it)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        N4, C, h, w = y.shape
+        if not y.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("phases_as_images needs a dense channels-last tensor")
+        ctx.shape = y.shape
+        H, W = 2 * h, 2 * w
+        return y.as_strided((N4 // 4, C, H, W), (H * W * C, 1, W * C, C))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        N4, C, h, w = ctx.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        return grad.as_strided((N4, C, h, w), (h * w * C, 1, w * C, C))
+
+
+def phases_as_images(y: torch.Tensor) -> torch.Tensor:
+    """(4N, C, h, w), channels-last and dense (:func:`to_phases`' layout) -> (N, C, 2h, 2w): the
+    same memory read as N images of 2h x 2w pixels, no copy. Each channel holds the same
+    values, its pixels in phase order rather than the image's: for ops that treat every pixel
+    of a channel alike (1x1 convs, batch norm, sums over pixels) a stand-in for
+    :func:`from_phases`, whose copy it saves; the pixel (p, q, n, i, j) of the phases is the
+    pixel (n, 2i + p, 2j + q) of the image."""
+    return cast(torch.Tensor, _PhasesAsImages.apply(y))
 
 
 def phases_apply(x: torch.Tensor, stride: int) -> bool:

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from genotypes import PRIMITIVES
 from models.kernels import (
     BatchNorm2d,
+    ReLU,
     depthwise_conv2d,
     from_phases,
     phases_apply,
+    relu,
     scaled_batch_norm,
     to_phases,
 )
@@ -59,7 +61,7 @@ class EdgeInput:
     @property
     def relu(self) -> torch.Tensor:
         if self._relu is None:
-            self._relu = torch.relu(self.x)
+            self._relu = relu(self.x)
         return self._relu
 
     @property
@@ -122,7 +124,7 @@ class StdConv(nn.Sequential):
         affine: bool = True,
     ) -> None:
         super().__init__(
-            nn.ReLU(),
+            ReLU(),
             nn.Conv2d(C_in, C_out, kernel_size, stride, padding, bias=False),
             BatchNorm2d(C_out, affine=affine),
         )

@@ -14,6 +14,8 @@ what the search scripts and the Architect talk to.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 import genotypes as gt
 from models.kernels import (
     BatchNorm2d,
-    batches_counted,
+    bookkept,
     depthwise_conv2d,
-    from_phases,
     phases_apply,
+    phases_as_images,
+    relu,
     scaled_batch_norm,
     to_phases,
 )
@@ -76,17 +79,27 @@ class EdgeGroup(nn.Module):
        edge leaving it begins with;
     2. per conv op kind, one depthwise conv over the E edges' copies of their source's ReLU,
        then one grouped pointwise conv for all 4 kinds and E edges: the (first) ReLU-conv-conv
-       of o(x_j) for o in CONV_OPS, every edge (i, j) of the group;
+       of o(x_j) for o in CONV_OPS, every edge (i, j) of the group. (On the CPU the dil convs
+       run on the pixel phases, kernels.to_phases, and their output stays in phase order up
+       to the sum of step 7: the 1x1 conv and BN treat every pixel alike.)
     3. stride 2: one grouped 1x1 conv, FactorizedReduce's two convs on every edge;
     4. max and avg pooling once per source: the pooling ops, the same tensor on every edge
        leaving it (their BN is non-affine, so it is too);
     5. one BN over everything of 2-4: the BN ending a dil conv, a sep conv's first block,
-       FactorizedReduce and the pools' BNs;
+       FactorizedReduce and the pools' BNs. Its scale (the affine weight of a non-affine BN,
+       kernels.scaled_batch_norm) is the mixing weight w_(i,j),o of eq. 2 on the channels of
+       the ops it ends (dil convs, FactorizedReduce), 1 on the others;
     6. the sep convs' second ReLU-conv-conv-BN: one ReLU, one depthwise conv per kernel size,
-       one grouped pointwise conv, one BN;
-    7. one product with the mixing weights and one sum: eq. 2, o_bar_(i,j)(x_j) =
-       sum_o w_(i,j),o o(x_j), on every edge, and of eq. 1 the sum over the group's sources of
-       the edges into each target. (SearchCell adds the groups' sums: the rest of eq. 1.)
+       one grouped pointwise conv, one BN, scaled by the sep convs' mixing weights;
+    7. eq. 2 and the group's share of eq. 1, channels-last: one sum over ops and sources of
+       the scaled BN outputs of 5-6 (the convs' and FactorizedReduce's w_o o(x_j)), and, for
+       the ops shared by a source's edges, one product with their weights and one sum (pools),
+       one product-and-add (skip_connect, stride 1): for each target t, the sum over the
+       group's edges (j, t) of o_bar_(t,j)(x_j) = sum_o w_(t,j),o o(x_j). (SearchCell adds the
+       groups' sums: the rest of eq. 1.)
+
+    The mixing weights reach these calls as :meth:`SearchCell.mixing` takes them, in one call,
+    from the softmax of the alphas (:meth:`weight_index` says where each one comes from).
     """
 
     def __init__(self, C: int, n_sources: int, k: int, stride: int) -> None:
@@ -109,22 +122,50 @@ class EdgeGroup(nn.Module):
         self.max_pool = nn.MaxPool2d(3, stride, 1)
         self.avg_pool = nn.AvgPool2d(3, stride, 1, count_include_pad=False)
 
-    def mixing(self, w: torch.Tensor) -> torch.Tensor:
-        """w: (E, n_ops) softmax weights of the group's edges, in edge order. Returns
-        (7, S, k, 1, 1, 1): the weight of each op but `none` on each edge, ops in PRIMITIVES
-        order (the same for every cell of a type: computed once per forward)."""
-        n = len(gt.PRIMITIVES) - 1  # `none` adds nothing
-        return w[:, :n].t().reshape(n, self.n_sources, self.k, 1, 1, 1)
+    def weight_index(self, rows: list[int]) -> list[torch.Tensor]:
+        """Where the mixing weights of :meth:`forward` are found in a cell type's softmax
+        weights with a column of ones appended, (n_edges, n_ops + 1) (its rows: the cell's
+        edges, node after node, ``rows[e]`` that of the group's edge e), as flat indices:
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x: (N, S C, H, W), the group's source nodes side by side; w: :meth:`mixing`.
-        Returns (N, k, C, H', W'): the sum of the group's edges into each of its k targets,
+        - the scale of ``bn``'s channels: w_(e,o) on the channels of edge e's op o where that
+          op ends in this BN (dil convs, FactorizedReduce), 1 elsewhere;
+        - the scale of ``bn2``'s channels: w_(e,o), o a sep conv;
+        - (2 S, k, 1): the weight of each pool of each source on each of its edges;
+        - stride 1, (S, k, 1): the weight of skip_connect (identity) on each edge.
+        """
+        C, S, k, E = self.C, self.n_sources, self.k, self.n_edges
+        n_cols = len(gt.PRIMITIVES) + 1
+        one = n_cols - 1  # the column of ones
+
+        def at(e: int, op: str | None) -> int:
+            return rows[e] * n_cols + (one if op is None else _OP[op])
+
+        bn = [at(e, None if o in SEP_OPS else o) for o in CONV_OPS for e in range(E)]
+        bn += [at(e, "skip_connect") for e in range(E)] if self.stride == 2 else []
+        bn += [one] * len(_POOLS) * S
+        bn2 = [at(e, o) for o in SEP_OPS for e in range(E)]
+        index = [torch.tensor(bn).repeat_interleave(C), torch.tensor(bn2).repeat_interleave(C)]
+        shared = [*_POOLS] + (["skip_connect"] if self.stride == 1 else [])
+        for ops in (shared[:2], shared[2:]) if self.stride == 1 else (shared,):
+            index.append(
+                torch.tensor(
+                    [[[at(s * k + t, q)] for t in range(k)] for q in ops for s in range(S)]
+                )
+            )
+        return index
+
+    def forward(self, x_n: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
+        """x_n: (N, H, W, S C), the group's source nodes side by side, channels last (in the
+        order of the dims; any memory layout); w: its weights from :meth:`SearchCell.mixing`.
+        Returns (N, H', W', k, C): the sum of the group's edges into each of its k targets,
         each edge the mixed operation of eq. 2, sum_o w_o * o(x_s) (`none` adds nothing)."""
-        N, _, H, W = x.shape
+        N, H, W, _ = x_n.shape
         S, k, E, C = self.n_sources, self.k, self.n_edges, self.C
-        r = relu(x)  # every conv op and FactorizedReduce start with relu(x_s)
+        x = x_n.permute(0, 3, 1, 2)  # (N, S C, H, W)
+        r = relu(x_n)  # every conv op and FactorizedReduce start with relu(x_s)
         # (N, E C, H, W): each edge's copy of its source's relu, edge after edge.
-        r_edges = repeat_blocks(r, S, k)
+        r_edges_n = repeat_blocks(r, S, k)
+        r_edges = r_edges_n.permute(0, 3, 1, 2)
         # First blocks of all conv ops of all edges: one depthwise conv per op kind
         # (groups = E C), then one grouped pointwise conv (groups = 4 E): (N, 4 E C, H', W').
         # (Indexing, not slicing, self.dw: a slice of a ParameterList is a new one, whose
@@ -135,15 +176,18 @@ class EdgeGroup(nn.Module):
             for wt, (kk, d) in zip(dw[: len(SEP_OPS)], (_DEPTHWISE[o] for o in SEP_OPS))
         ]
         dil_ops = CONV_OPS[len(SEP_OPS) :]
-        if phases_apply(r_edges, self.stride):
+        phased = phases_apply(r_edges, self.stride)
+        if phased:
             # The fast CPU path (kernels.depthwise_conv2d): a dilation-2 conv is the dense
-            # conv of each pixel phase; both dil convs read the phases of one copy.
-            ph = to_phases(r_edges)  # (4N, E C, H/2, W/2)
+            # conv of each pixel phase; both dil convs read the phases of one copy. Their
+            # output stays in phase order (phases_as_images: no copy back) through the
+            # pointwise conv and BN, which treat every pixel alike, to the sum below.
+            ph = to_phases(r_edges_n, channels_last=True)  # (4N, E C, H/2, W/2)
             dil = [
                 depthwise_conv2d(ph, wt, 1, (_DEPTHWISE[o][0] - 1) // 2, 1)
                 for wt, o in zip(dw[len(SEP_OPS) :], dil_ops)
             ]
-            convs.append(from_phases(torch.cat(dil, 1)))
+            convs.append(phases_as_images(torch.cat(dil, 1)))
         else:
             convs += [
                 depthwise_conv2d(r_edges, wt, self.stride, d * (kk - 1) // 2, d)
@@ -155,21 +199,27 @@ class EdgeGroup(nn.Module):
             # is the 1x1 conv of its even pixels; the second conv reads the odd pixels, padded
             # for odd H, W. One grouped conv: group 2e + b is edge e's conv (b + 1), on
             # (N, E 2 C, h, w) = per edge, [even, odd] of its source.
-            even = r[:, :, ::2, ::2]
-            odd = F.pad(r[:, :, 1::2, 1::2], (0, W % 2, 0, H % 2))
-            h, w_ = even.shape[-2:]
-            halves = torch.cat([even.view(N, S, C, h, w_), odd.view(N, S, C, h, w_)], 2)
-            fr_in = repeat_blocks(halves.view(N, S * 2 * C, h, w_), S, k)
+            even = r[:, ::2, ::2]
+            odd = F.pad(r[:, 1::2, 1::2], (0, 0, 0, W % 2, 0, H % 2))
+            h, w_ = even.shape[1:3]
+            halves = torch.cat([even.view(N, h, w_, S, 1, C), odd.view(N, h, w_, S, 1, C)], 4)
+            fr_in = repeat_blocks(halves.view(N, h, w_, S * 2 * C), S, k).permute(0, 3, 1, 2)
             parts.append(F.conv2d(fr_in, self.fr, groups=2 * E))
         parts.append(self.max_pool(x))  # (N, S C, H', W') each: shared by the source's edges
         parts.append(self.avg_pool(x))
-        # Every BN that ends a first block or follows a pool or FactorizedReduce: one call.
-        y = scaled_batch_norm(self.bn, torch.cat(parts, 1), fresh=True)
+        # Every BN that ends a first block or follows a pool or FactorizedReduce: one call,
+        # with the mixing weights of eq. 2 as the scale of the dil convs and FactorizedReduce.
+        bn_scale, bn2_scale, w_pools, *w_skip = w
+        y = scaled_batch_norm(self.bn, torch.cat(parts, 1), bn_scale, fresh=True)
         h_out, w_out = y.shape[-2:]
-        sizes = [2 * E * C, 2 * E * C] + ([E * C] if self.fr is not None else [])
-        sep, dil_out, *fr_out, pools = y.split([*sizes, len(_POOLS) * S * C], 1)
+        # From here on channels-last (N, H', W', channels) views: the sums over edges run
+        # along contiguous memory, and their gradients reach the BNs dense.
+        n_conv = (3 if self.fr is not None else 2) * E * C
+        sep, convs_n, pools_n = y.permute(0, 2, 3, 1).split(
+            [2 * E * C, n_conv, len(_POOLS) * S * C], -1
+        )
         # Second blocks of the sep convs, from relu of their first: (N, 2 E C, H', W').
-        r2 = relu(sep).split(E * C, 1)
+        r2 = relu(sep.permute(0, 3, 1, 2)).split(E * C, 1)
         dw2 = [self.dw2[o] for o in range(len(SEP_OPS))]
         h2 = torch.cat(
             [
@@ -179,38 +229,33 @@ class EdgeGroup(nn.Module):
             1,
         )
         conv2 = F.conv2d(h2, self.pw2, groups=len(SEP_OPS) * E)
-        y2 = scaled_batch_norm(self.bn2, conv2, fresh=True)
-        # Every op's output on every edge, ops in PRIMITIVES order: (N, 7, S, k, C, H', W').
-        # The pools (and skip at stride 1) are one tensor per source, read by its k edges.
-        full = (N, -1, S, k, C, h_out, w_out)
-        pools = pools.view(N, len(_POOLS), S, 1, C, h_out, w_out).expand(full)
-        if self.fr is None:
-            skip = x.view(N, 1, S, 1, C, H, W).expand(full)
+        y2 = scaled_batch_norm(self.bn2, conv2, bn2_scale, fresh=True)
+        # eq. 2 and the group's share of eq. 1: the ops ending in a scaled BN, summed over
+        # ops and sources, then the shared ops times their weights.
+        cells = (N, h_out, w_out, -1, k, C)
+        out = y2.permute(0, 2, 3, 1).reshape(cells).sum(3)
+        if phased:  # the dil convs in phase order: (p, q, N, h, w) to (N, h, p, w, q)
+            h, w_ = H // 2, W // 2
+            dil_sum = convs_n.reshape(2, 2, N, h, w_, -1, k, C).sum(5).permute(2, 3, 0, 4, 1, 5, 6)
+            out = (out.reshape(N, h, 2, w_, 2, k, C) + dil_sum).reshape(N, H, W, k, C)
         else:
-            skip = fr_out[0].view(full)
-        ops = torch.cat([pools, skip, y2.view(full), dil_out.view(full)], 1)
-        # eq. 2 on every edge, then the edges of each target summed over the sources (eq. 1).
-        return (ops * w).sum((1, 2))
+            out = out + convs_n.reshape(cells).sum(3)
+        out = out + (pools_n.reshape(N, h_out, w_out, -1, 1, C) * w_pools).sum(3)
+        if w_skip and S == 1:
+            out = torch.addcmul(out, x_n.unsqueeze(3), w_skip[0])
+        elif w_skip:
+            out = out + (x_n.reshape(N, H, W, S, 1, C) * w_skip[0]).sum(3)
+        return out  # (N, H', W', k, C)
 
 
-def relu(x: torch.Tensor) -> torch.Tensor:
-    """relu(x), the same values and gradient (zero where x <= 0), by F.threshold: its
-    backward reads its input, where relu's reads its output, which autograd saves with one
-    more call (a detach) per ReLU."""
-    return F.threshold(x, 0.0, 0.0)
-
-
-def repeat_blocks(t: torch.Tensor, S: int, k: int) -> torch.Tensor:
-    """(N, S C', H, W) -> (N, S k C', H, W): each of the S channel blocks k times in a row, in
-    t's memory format (channels-last stays channels-last). One copy; its backward one sum."""
+def repeat_blocks(t_n: torch.Tensor, S: int, k: int) -> torch.Tensor:
+    """(N, H, W, S C') -> (N, H, W, S k C'): each of the S channel blocks k times in a row.
+    One copy; its backward one sum."""
     if k == 1:
-        return t
-    N, SC, H, W = t.shape
+        return t_n
+    N, H, W, SC = t_n.shape
     C = SC // S
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        nhwc = t.permute(0, 2, 3, 1).reshape(N, H, W, S, 1, C).expand(N, H, W, S, k, C)
-        return nhwc.reshape(N, H, W, S * k * C).permute(0, 3, 1, 2)
-    return t.reshape(N, S, 1, C, H, W).expand(N, S, k, C, H, W).reshape(N, S * k * C, H, W)
+    return t_n.reshape(N, H, W, S, 1, C).expand(N, H, W, S, k, C).reshape(N, H, W, S * k * C)
 
 
 class SearchCell(Cell):
@@ -232,6 +277,30 @@ class SearchCell(Cell):
             + [EdgeGroup(C, 1, n_nodes - 1 - g, 1) for g in range(n_nodes - 1)]
         )
         self._init_per_edge()
+        # The mixing weights of every group, taken from the cell type's weights in one call
+        # (mixing()): each group's indices (EdgeGroup.weight_index), one after the other.
+        edge_rows: list[dict[int, int]] = [{} for _ in self.groups]
+        for row, (i, j) in enumerate(self.edges()):
+            g, e = self.edge_group(i, j)
+            edge_rows[g][e] = row
+        index = [
+            cast(EdgeGroup, group).weight_index([rows[e] for e in range(len(rows))])
+            for group, rows in zip(self.groups, edge_rows)
+        ]
+        self._mixing_shapes = [[tuple(t.shape) for t in group] for group in index]
+        flat = torch.cat([t.flatten() for group in index for t in group])
+        self.register_buffer("mixing_index", flat, persistent=False)
+
+    def mixing(self, w_cell: torch.Tensor) -> list[list[torch.Tensor]]:
+        """w_cell: (n_edges, n_ops + 1), the softmax weights of the cell type's edges, node
+        after node, with a column of ones appended. Returns, per group, the weights its
+        forward takes (EdgeGroup.weight_index). Cells of one type and width share them."""
+        sizes = [math.prod(shape) for group in self._mixing_shapes for shape in group]
+        pieces = iter(torch.take(w_cell, cast(torch.Tensor, self.mixing_index)).split(sizes))
+        return [
+            [p if len(shape) == 1 else p.view(shape) for shape, p in zip(group, pieces)]
+            for group in self._mixing_shapes
+        ]
 
     # ---------------------------------------------------------------------------------------
     # Where each edge's weights live
@@ -329,18 +398,17 @@ class SearchCell(Cell):
         """s0, s1: outputs of cells k-2, k-1; w[g]: the mixing weights of group g. Returns
         (N, n_nodes * C, H', W')."""
         x0, x1 = self.preprocess(s0, s1)
-        # acc[:, t]: the sum so far of the edges into intermediate node t (eq. 1).
-        acc = self.groups[0](torch.cat([x0, x1], 1), w[0])  # (N, n_nodes, C, H', W')
+        # Group g adds to nodes g.. (eq. 1): to_node[t], the contributions to node t so far.
+        to_node: list[list[torch.Tensor]] = [[] for _ in range(self.n_nodes)]
+        x_n = torch.cat([x0, x1], 1).permute(0, 2, 3, 1)  # (N, H, W, 2 C)
         nodes = []
-        for g in range(1, self.n_nodes):
-            node = acc[:, 0]  # node g - 1 is complete: all its edges were added
-            nodes.append(node)
-            acc = acc[:, 1:] + self.groups[g](node, w[g])
-        nodes.append(acc[:, 0])
-        out = torch.cat(nodes, dim=1)
-        if x1.is_contiguous(memory_format=torch.channels_last) and not x1.is_contiguous():
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        for g, group in enumerate(self.groups):
+            for t, h in enumerate(group(x_n, w[g]).unbind(3), start=g):
+                to_node[t].append(h)
+            # node g is complete: the sum of its edges from every group, (N, H', W', C)
+            x_n = functools.reduce(torch.add, to_node[g])
+            nodes.append(x_n)
+        return torch.cat(nodes, -1).permute(0, 3, 1, 2)  # (N, n_nodes C, H', W')
 
     def forward_per_edge(
         self, s0: torch.Tensor, s1: torch.Tensor, w_dag: list[torch.Tensor]
@@ -439,7 +507,7 @@ class SearchCNN(nn.Module):
     ) -> torch.Tensor:
         """x: (N, C_in, H, W) -> logits (N, n_classes). weights_*[i]: (2 + i, n_ops) softmax
         weights of node i's edges. ``per_edge``: the textbook cells (the tests' reference)."""
-        with batches_counted(self):  # every BN's batch counter, in one call
+        with bookkept(self):  # every BN's counter and running statistics, in a few calls
             return self._forward(x, weights_normal, weights_reduce, per_edge)
 
     def _forward(
@@ -449,29 +517,24 @@ class SearchCNN(nn.Module):
         weights_reduce: list[torch.Tensor],
         per_edge: bool,
     ) -> torch.Tensor:
-        mixing: dict[bool, list[torch.Tensor]] = {}
+        # The softmax weights of each cell type, edges node after node, and a column of ones;
+        # each cell's mixing weights are taken from them once per type and width.
+        w_cells = {
+            reduction: F.pad(torch.cat(w_dag), (0, 1), value=1.0)
+            for reduction, w_dag in ((False, weights_normal), (True, weights_reduce))
+        }
+        mixing: dict[tuple[bool, int], list[list[torch.Tensor]]] = {}
         s0 = s1 = self.stem(x)
         for cell in cast(list[SearchCell], self.cells):
-            w_dag = weights_reduce if cell.reduction else weights_normal
             if per_edge:
+                w_dag = weights_reduce if cell.reduction else weights_normal
                 s0, s1 = s1, cell.forward_per_edge(s0, s1, w_dag)
                 continue
-            if cell.reduction not in mixing:  # once per cell type: shared by its cells
-                mixing[cell.reduction] = group_weights(cell, w_dag)
-            s0, s1 = s1, cell(s0, s1, mixing[cell.reduction])
+            key = (cell.reduction, cell.C)
+            if key not in mixing:
+                mixing[key] = cell.mixing(w_cells[cell.reduction])
+            s0, s1 = s1, cell(s0, s1, mixing[key])
         return self.linear(self.gap(s1).flatten(1))
-
-
-def group_weights(cell: SearchCell, w_dag: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The per-node softmax weights (w_dag[i]: (2 + i, n_ops), row j the edge from node j)
-    regrouped by source node for the cell's groups, rows in edge order (e = s * k + t)."""
-    n = cell.n_nodes
-    groups = cast(list[EdgeGroup], cell.groups)
-    # group 0: (2, n, n_ops) -> (2 n, n_ops), edge j * n + i from input j to node i
-    rows = [torch.stack([w_dag[i][: gt.N_INPUT_NODES] for i in range(n)], 1).flatten(0, 1)]
-    # group g: the edges from node g + 1 (intermediate g - 1) to nodes g..n-1
-    rows += [torch.stack([w_dag[i][g + 1] for i in range(g, n)]) for g in range(1, n)]
-    return [group.mixing(w) for group, w in zip(groups, rows)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -426,3 +426,60 @@ def test_running_stats_frozen_leaves_the_buffers_and_changes_no_value():
     torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
     torch.testing.assert_close(scaled, w * out, rtol=1e-15, atol=1e-15)
     assert int(ref.num_batches_tracked) == 1  # outside the block the statistics move
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bookkept_bns_update_their_statistics_as_each_bn_would(momentum):
+    """Within kernels.bookkept() the centred BNs leave their running statistics to one update
+    of all of them at the end of the block: the same counters, and the same statistics (to the
+    rounding: float64 1e-12) and outputs as the BNs' own updates, on a few steps."""
+    import copy
+
+    from models.kernels import BatchNorm2d, bookkept
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        BatchNorm2d(3, momentum=momentum),
+        torch.nn.Conv2d(3, 5, 3, padding=1),
+        BatchNorm2d(5, affine=False, momentum=momentum),
+    ).double()
+    net = net.to(memory_format=CL)
+    ref = copy.deepcopy(net)
+    for _ in range(3):
+        x = (3 + 2 * torch.randn(4, 3, 6, 6, dtype=torch.float64)).contiguous(memory_format=CL)
+        with bookkept(net):
+            out = net(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(net.named_buffers(), ref.buffers()):
+        assert not torch.equal(a, torch.zeros_like(a)), name  # the statistics moved
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_relu_by_threshold_is_relu_twice_differentiable():
+    from models.kernels import ReLU, relu
+
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(relu(x), torch.relu(x)) and isinstance(ReLU(), torch.nn.ReLU)
+    (g,) = torch.autograd.grad((relu(x) ** 3).sum(), x, create_graph=True)
+    (g_ref,) = torch.autograd.grad((torch.relu(x) ** 3).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(g.sum(), x)[0], torch.autograd.grad(g_ref.sum(), x)[0], rtol=0, atol=0
+    )
+
+
+def test_phases_as_images_reads_the_phases_in_place_and_back():
+    """phases_as_images(to_phases(x)) holds x's pixels in phase order, (p, q, n, i, j) at the
+    image pixel (n, 2i + p, 2j + q), without a copy; its gradient is the inverse reading."""
+    from models.kernels import phases_as_images, to_phases
+
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64).contiguous(memory_format=CL)
+    ph = to_phases(x)
+    img = phases_as_images(ph)
+    assert img.shape == x.shape and img.data_ptr() == ph.data_ptr()
+    back = img.permute(0, 2, 3, 1).reshape(2, 2, 2, 2, 3, 3).permute(2, 3, 0, 4, 1, 5)
+    assert torch.equal(back.reshape(2, 4, 6, 3), x.permute(0, 2, 3, 1))
+    c = torch.randn_like(img)
+    ph = ph.detach().clone(memory_format=CL).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: phases_as_images(t) * c, (ph,))
+

@@ -210,8 +210,10 @@ def test_batched_supernet_equals_the_per_edge_supernet(monkeypatch, kernels):
         assert rel(g, converted[n]) < 1e-12, n
         assert rel(r, converted[n]) < 1e-12, n
     buffers = stacked(old, dict(old.named_buffers()), batched)
+    saved = batched.state_dict()  # the buffers a checkpoint holds (not the index tensors)
     for n, b in batched.named_buffers():
-        assert rel(b.double(), buffers[n].double()) < 1e-12, n
+        if n in saved:
+            assert rel(b.double(), buffers[n].double()) < 1e-12, n
 
 
 @pytest.mark.parametrize("hessian", ["finite", "exact"])

@@ -33,7 +33,7 @@ from config import ConfigError, SearchConfig
 from distributed import DistInfo, unwrap, wrap_ddp
 from models.search_cnn import SearchCNNController
 from preproc import dataset_info, get_dataset, resolve_normalize, set_max_image_pixels
-from utils import count_parameters, write_jsonl
+from utils import clip_grad_norm, count_parameters, write_jsonl
 
 RUN_ROOT = "searchs"
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,9 +74,32 @@ def weight_step(
         logits = model(X)
         loss = net.criterion(logits, y)
         loss.backward()
-    nn.utils.clip_grad_norm_(net.weights(), grad_clip)
+    clip_grad_norm(net.weights(), grad_clip)
     w_optim.step()
     return loss.detach(), logits.detach()
+
+
+def optimizers(
+    model: SearchCNNController, cfg: SearchConfig
+) -> tuple[torch.optim.SGD, torch.optim.Adam]:
+    """The weights' SGD and the alphas' Adam (paper, section 3.1.1). foreach: one call per
+    operation over all tensors on the CPU too (torch's default there is a loop of calls per
+    tensor); the same arithmetic."""
+    w_optim = torch.optim.SGD(
+        model.weights(),
+        cfg.w_lr,
+        momentum=cfg.w_momentum,
+        weight_decay=cfg.w_weight_decay,
+        foreach=True,
+    )
+    alpha_optim = torch.optim.Adam(
+        model.alphas(),
+        cfg.alpha_lr,
+        betas=(0.5, 0.999),
+        weight_decay=cfg.alpha_weight_decay,
+        foreach=True,
+    )
+    return w_optim, alpha_optim
 
 
 def search_step(
@@ -231,18 +254,16 @@ def search(cfg: SearchConfig) -> gt.Genotype:
             f"Supernet: {count_parameters(model.net):,} weights, "
             f"{count_parameters(model, exclude='net.'):,} alphas"
         )
-        w_optim = torch.optim.SGD(
-            model.weights(), cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
-        )
-        alpha_optim = torch.optim.Adam(
-            model.alphas(), cfg.alpha_lr, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay
-        )
+        w_optim, alpha_optim = optimizers(model, cfg)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_optim, cfg.epochs, cfg.w_lr_min)
         architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay, hessian=cfg.hessian)
         # The weight step runs through DDP (it averages the weight gradients); the Architect
         # averages its own gradients. Alphas are not DDP's business.
+        # Nor are the cells' index tensors (constants of the shapes), which DDP would
+        # broadcast with the BN statistics at every step.
         alpha_names = [n for n, _ in model.named_alphas()]
-        train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names)
+        constants = [n for n, _ in model.named_buffers() if n.endswith(".mixing_index")]
+        train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names + constants)
         # The checkpoint: these state_dicts and counters (restored here on --resume), an
         # "early_stop" record once --early_stop fires, and what Run adds to every checkpoint
         # (engine.RUN_KEYS): epoch, global_step, history (every epoch's record and alphas),

@@ -153,6 +153,19 @@ def count_parameters(module: nn.Module, exclude: str | None = None) -> int:
     )
 
 
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``nn.utils.clip_grad_norm_(parameters, max_norm)``: the same L2 norms, scale and result,
+    in five calls however many tensors (torch's own takes its one-call foreach kernels on GPUs
+    only, and two calls per tensor elsewhere: ~560 of a search step's calls on the CPU).
+    Returns the total norm, as a tensor (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # Files: written atomically, JSON lines
 # --------------------------------------------------------------------------------------------

@@ -207,9 +207,7 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
             net.to(memory_format=torch.channels_last)
         net.train()
         net.drop_path_prob(a.drop_path_prob)
-        optim = torch.optim.SGD(
-            net.parameters(), a.lr, momentum=a.momentum, weight_decay=a.weight_decay
-        )
+        optim = augment.make_optimizer(net, a)
         X, y = batch(shape["batch"])
         amp = torch.bfloat16 if args.dtype == "bfloat16" else None  # as augment.py's --amp bf16
 
@@ -227,12 +225,7 @@ def _build_step(figure: str, args: argparse.Namespace, device: Any) -> Callable[
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
-    w_optim = torch.optim.SGD(
-        model.weights(), s.w_lr, momentum=s.w_momentum, weight_decay=s.w_weight_decay
-    )
-    alpha_optim = torch.optim.Adam(
-        model.alphas(), s.alpha_lr, betas=(0.5, 0.999), weight_decay=s.alpha_weight_decay
-    )
+    w_optim, alpha_optim = search.optimizers(model, s)
     trn, val = batch(shape["batch"]), batch(shape["batch"])
 
     if figure == "forward":

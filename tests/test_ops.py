@@ -483,3 +483,23 @@ def test_phases_as_images_reads_the_phases_in_place_and_back():
     ph = ph.detach().clone(memory_format=CL).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: phases_as_images(t) * c, (ph,))
 
+
+def test_clip_grad_norm_is_torchs():
+    """utils.clip_grad_norm: the norm and the scaled gradients of nn.utils.clip_grad_norm_."""
+    import copy
+
+    from utils import clip_grad_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))
+    net[1].bias.requires_grad_(False)  # a parameter without a gradient
+    net(torch.randn(4, 5)).square().sum().backward()
+    ref = copy.deepcopy(net)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    for max_norm in (0.05, 1e6):  # clipped, and left as it is
+        total = clip_grad_norm(net.parameters(), max_norm)
+        total_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        assert torch.equal(total, total_ref)
+        for p, q in zip(net.parameters(), ref.parameters()):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)

@@ -163,9 +163,9 @@ class EdgeGroup(nn.Module):
         S, k, E, C = self.n_sources, self.k, self.n_edges, self.C
         x = x_n.permute(0, 3, 1, 2)  # (N, S C, H, W)
         r = relu(x_n)  # every conv op and FactorizedReduce start with relu(x_s)
-        # (N, E C, H, W): each edge's copy of its source's relu, edge after edge.
+        # (N, H, W, E C): each edge's copy of its source's relu, edge after edge.
         r_edges_n = repeat_blocks(r, S, k)
-        r_edges = r_edges_n.permute(0, 3, 1, 2)
+        r_edges = r_edges_n.permute(0, 3, 1, 2)  # (N, E C, H, W), channels-last
         # First blocks of all conv ops of all edges: one depthwise conv per op kind
         # (groups = E C), then one grouped pointwise conv (groups = 4 E): (N, 4 E C, H', W').
         # (Indexing, not slicing, self.dw: a slice of a ParameterList is a new one, whose
@@ -232,14 +232,14 @@ class EdgeGroup(nn.Module):
         y2 = scaled_batch_norm(self.bn2, conv2, bn2_scale, fresh=True)
         # eq. 2 and the group's share of eq. 1: the ops ending in a scaled BN, summed over
         # ops and sources, then the shared ops times their weights.
-        cells = (N, h_out, w_out, -1, k, C)
-        out = y2.permute(0, 2, 3, 1).reshape(cells).sum(3)
+        per_target = (N, h_out, w_out, -1, k, C)  # (..., op and source, target, channel)
+        out = y2.permute(0, 2, 3, 1).reshape(per_target).sum(3)
         if phased:  # the dil convs in phase order: (p, q, N, h, w) to (N, h, p, w, q)
             h, w_ = H // 2, W // 2
             dil_sum = convs_n.reshape(2, 2, N, h, w_, -1, k, C).sum(5).permute(2, 3, 0, 4, 1, 5, 6)
             out = (out.reshape(N, h, 2, w_, 2, k, C) + dil_sum).reshape(N, H, W, k, C)
         else:
-            out = out + convs_n.reshape(cells).sum(3)
+            out = out + convs_n.reshape(per_target).sum(3)
         out = out + (pools_n.reshape(N, h_out, w_out, -1, 1, C) * w_pools).sum(3)
         if w_skip and S == 1:
             out = torch.addcmul(out, x_n.unsqueeze(3), w_skip[0])

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -93,9 +93,21 @@ def running_stats_frozen() -> Iterator[None]:
 
 
 _batches_counted = False
-# Within bookkept(): the running-statistics updates of the centred BNs, made at its end.
-_deferred: list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor, torch.Tensor, int, float]] | None
-_deferred = None
+
+
+class _StatsUpdate(NamedTuple):
+    """What a centred BN call in training mode owes its running statistics."""
+
+    bn: nn.BatchNorm2d
+    shift: torch.Tensor  # (1, C, 1, 1): the centring shift, subtracted before the BN
+    mean: torch.Tensor  # (C,): the BN's batch mean (of the centred batch)
+    invstd: torch.Tensor  # (C,): the BN's 1 / sqrt(biased variance + eps)
+    n: int  # values per channel
+    momentum: float
+
+
+# Within bookkept(): the updates of the centred BNs, made at its end.
+_deferred: list[_StatsUpdate] | None = None
 
 
 @contextlib.contextmanager
@@ -133,27 +145,22 @@ def bookkept(module: nn.Module) -> Iterator[None]:
         _batches_counted, _deferred = previous
 
 
-def _update_running_stats(
-    updates: list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor, torch.Tensor, int, float]],
-) -> None:
+def _update_running_stats(updates: list[_StatsUpdate]) -> None:
     """What each BN call in training mode does to its running statistics, for many BNs at
     once: running = (1 - m) running + m batch, where the batch mean is the centring shift plus
     the mean the BN computed (of the centred batch) and the batch variance is the unbiased
-    one, from the BN's inverse standard deviation. updates: (bn, shift (1, C, 1, 1), mean (C),
-    invstd (C), values per channel, momentum) per BN call."""
+    one, from the BN's inverse standard deviation."""
     if not updates:
         return
-    bns = [u[0] for u in updates]
+    bns = [u.bn for u in updates]
     sizes = [bn.num_features for bn in bns]
     with torch.no_grad():
-        mean = (
-            torch.cat([u[1] for u in updates], 1).view(-1).add_(torch.cat([u[2] for u in updates]))
-        )
-        var = torch.cat([u[3] for u in updates]).pow_(-2).split(sizes)
+        shifts = torch.cat([u.shift for u in updates], 1).view(-1)
+        means = list(shifts.add_(torch.cat([u.mean for u in updates])).split(sizes))
+        var = torch.cat([u.invstd for u in updates]).pow_(-2).split(sizes)
         torch._foreach_sub_(var, [bn.eps for bn in bns])  # the biased variance
-        torch._foreach_mul_(var, [u[4] / max(u[4] - 1, 1) for u in updates])  # unbiased
-        means = list(mean.split(sizes))
-        momenta = [u[5] for u in updates]
+        torch._foreach_mul_(var, [u.n / max(u.n - 1, 1) for u in updates])  # unbiased
+        momenta = [u.momentum for u in updates]
         running_means = [cast(torch.Tensor, bn.running_mean) for bn in bns]
         running_vars = [cast(torch.Tensor, bn.running_var) for bn in bns]
         for running, batch in ((running_means, means), (running_vars, list(var))):
@@ -235,7 +242,9 @@ def scaled_batch_norm(
             out, mean, invstd = torch.native_batch_norm(
                 x, weight, bias, None, None, True, momentum, bn.eps
             )
-            _deferred.append((bn, shift, mean, invstd, x.numel() // x.shape[1], momentum))
+            _deferred.append(
+                _StatsUpdate(bn, shift, mean, invstd, x.numel() // x.shape[1], momentum)
+            )
             return out
         if running_mean is not None:  # BN updates (and autograd keeps) this one; see below
             running_mean = running_mean.clone()

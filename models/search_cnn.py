@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -145,13 +144,10 @@ class EdgeGroup(nn.Module):
         bn += [one] * len(_POOLS) * S
         bn2 = [at(e, o) for o in SEP_OPS for e in range(E)]
         index = [torch.tensor(bn).repeat_interleave(C), torch.tensor(bn2).repeat_interleave(C)]
-        shared = [*_POOLS] + (["skip_connect"] if self.stride == 1 else [])
-        for ops in (shared[:2], shared[2:]) if self.stride == 1 else (shared,):
-            index.append(
-                torch.tensor(
-                    [[[at(s * k + t, q)] for t in range(k)] for q in ops for s in range(S)]
-                )
-            )
+        shared = [_POOLS] + ([("skip_connect",)] if self.stride == 1 else [])
+        for ops in shared:
+            rows_ = [[[at(s * k + t, q)] for t in range(k)] for q in ops for s in range(S)]
+            index.append(torch.tensor(rows_))
         return index
 
     def forward(self, x_n: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
@@ -241,7 +237,7 @@ class EdgeGroup(nn.Module):
         else:
             out = out + convs_n.reshape(per_target).sum(3)
         out = out + (pools_n.reshape(N, h_out, w_out, -1, 1, C) * w_pools).sum(3)
-        if w_skip and S == 1:
+        if w_skip and S == 1:  # one source: the product needs no sum, one call does both
             out = torch.addcmul(out, x_n.unsqueeze(3), w_skip[0])
         elif w_skip:
             out = out + (x_n.reshape(N, H, W, S, 1, C) * w_skip[0]).sum(3)
@@ -288,6 +284,7 @@ class SearchCell(Cell):
             for group, rows in zip(self.groups, edge_rows)
         ]
         self._mixing_shapes = [[tuple(t.shape) for t in group] for group in index]
+        self._mixing_sizes = [t.numel() for group in index for t in group]
         flat = torch.cat([t.flatten() for group in index for t in group])
         self.register_buffer("mixing_index", flat, persistent=False)
 
@@ -295,8 +292,8 @@ class SearchCell(Cell):
         """w_cell: (n_edges, n_ops + 1), the softmax weights of the cell type's edges, node
         after node, with a column of ones appended. Returns, per group, the weights its
         forward takes (EdgeGroup.weight_index). Cells of one type and width share them."""
-        sizes = [math.prod(shape) for group in self._mixing_shapes for shape in group]
-        pieces = iter(torch.take(w_cell, cast(torch.Tensor, self.mixing_index)).split(sizes))
+        index = cast(torch.Tensor, self.mixing_index)
+        pieces = iter(torch.take(w_cell, index).split(self._mixing_sizes))
         return [
             [p if len(shape) == 1 else p.view(shape) for shape, p in zip(group, pieces)]
             for group in self._mixing_shapes

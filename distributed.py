@@ -319,12 +319,16 @@ def replicas_identical(module: nn.Module) -> bool:
 def wrap_ddp(
     model: nn.Module, dist_info: DistInfo, device: torch.device, ignore: Iterable[str] = ()
 ) -> Any:
-    """The model wrapped in DistributedDataParallel when there are several processes."""
+    """The model wrapped in DistributedDataParallel when there are several processes. Beside
+    ``ignore``, DDP leaves alone the buffers a checkpoint does not hold (non-persistent:
+    constants derived from the shapes, such as the supernet cells' index tensors), which it
+    would otherwise broadcast with the BN statistics at every step."""
     if not dist_info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    names = list(ignore)
+    saved = model.state_dict()
+    names = list(ignore) + [n for n, _ in model.named_buffers() if n not in saved]
     if names:  # the supported way to keep parameters out of DDP's gradient reduction
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return DistributedDataParallel(

@@ -259,11 +259,8 @@ def search(cfg: SearchConfig) -> gt.Genotype:
         architect = Architect(model, cfg.w_momentum, cfg.w_weight_decay, hessian=cfg.hessian)
         # The weight step runs through DDP (it averages the weight gradients); the Architect
         # averages its own gradients. Alphas are not DDP's business.
-        # Nor are the cells' index tensors (constants of the shapes), which DDP would
-        # broadcast with the BN statistics at every step.
         alpha_names = [n for n, _ in model.named_alphas()]
-        constants = [n for n, _ in model.named_buffers() if n.endswith(".mixing_index")]
-        train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names + constants)
+        train_model = wrap_ddp(model, run.dist, run.device, ignore=alpha_names)
         # The checkpoint: these state_dicts and counters (restored here on --resume), an
         # "early_stop" record once --early_stop fires, and what Run adds to every checkpoint
         # (engine.RUN_KEYS): epoch, global_step, history (every epoch's record and alphas),

@@ -67,6 +67,7 @@ from utils import (
     NullWriter,
     UserError,
     get_logger,
+    keep_freed_memory,
     memory_format,
     progress,
     set_seed,
@@ -169,6 +170,7 @@ class Run:
     dist: distributed.DistInfo
     device: torch.device
     resumed: dict[str, Any] | None
+    allocator: str | None = None  # what utils.keep_freed_memory did (CPU runs), for the log
     logger: Any = None
     writer: Any = None
     lock: RunLock | None = None
@@ -186,11 +188,12 @@ class Run:
         ``--resume``. Writes nothing: bad input stops before the folder exists."""
         set_kernels(cfg.kernels)  # the models' formulations, for the whole process
         info, device = distributed.init_distributed(cfg.device, cfg.gpu_ids())
+        allocator = keep_freed_memory() if device.type == "cpu" else None
         run_dir = os.path.join(root, cfg.name)
         defaults = type(cfg)().to_dict()  # type: ignore[call-arg]
         resumed = check_resume(run_dir, cfg.to_dict(), cfg.resume, defaults)
         gen = torch.Generator().manual_seed(cfg.seed)  # batch order and loader-worker seeds
-        return cls(cfg, stage, run_dir, info, device, resumed, data_gen=gen)
+        return cls(cfg, stage, run_dir, info, device, resumed, allocator, data_gen=gen)
 
     @property
     def is_main(self) -> bool:
@@ -231,6 +234,8 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.logger.info(distributed.tf32_summary())
+        if self.allocator:
+            self.logger.info(f"CPU allocator: {self.allocator}")
 
     def place(self, model: M) -> M:
         """``model`` on the run's device, in the memory format of ``--memory_format``."""

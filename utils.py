@@ -166,6 +166,43 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     return total
 
 
+# glibc's own settings of its allocator: a user who sets any of them has chosen for himself.
+MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (glibc's malloc.h)
+
+
+def keep_freed_memory() -> str | None:
+    """On Linux with glibc, keep the memory of freed tensors in the process for reuse, as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`` would. Returns what was done (a
+    line for the log), or None where nothing was: another C library, or any of MALLOC_ENV set.
+
+    glibc serves each block above its mmap threshold (32 MiB at most) with a fresh mmap and
+    unmaps it on free, so every large temporary of a CPU step (the supernet's stacked
+    activations and their gradients, tens of MiB each) page-faults and is zeroed by the kernel
+    again, on every use: a memory pass more per tensor. Kept, they are reused as they are.
+    The price: the process's memory is not handed back to the system until it exits (its
+    peak changes little). For CPU runs only: a GPU run's large tensors are not in this heap.
+    """
+    import ctypes
+    import platform
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if any(name in os.environ for name in MALLOC_ENV):
+        return None
+    libc = ctypes.CDLL(None)
+    # mallopt returns 1 on success
+    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return None
+    return "freed memory is kept for reuse (glibc mallopt; set MALLOC_MMAP_MAX_ to choose)"
+
+
 # --------------------------------------------------------------------------------------------
 # Files: written atomically, JSON lines
 # --------------------------------------------------------------------------------------------

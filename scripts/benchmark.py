@@ -300,6 +300,14 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     elif args.dtype != "float32":
         raise SystemExit("benchmark.py: --dtype bfloat16 is for CUDA only")
+    allocator = "glibc default"
+    if device.type == "cpu":  # as a CPU run of the scripts sets it (engine.Run.open)
+        try:
+            from utils import keep_freed_memory
+        except ImportError:  # a checkout from before it: glibc's default
+            pass
+        else:
+            allocator = "freed memory kept" if keep_freed_memory() else allocator
     load_before = os.getloadavg()[0]
     step = _build_step(figure, args, device)
     autocast = _autocast(figure, args, device)
@@ -335,6 +343,7 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cpu"
         else f"{device} ({torch.cuda.get_device_name(device)})",
         "threads": torch.get_num_threads(),
+        "allocator": allocator,
         "dtype": args.dtype,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -436,7 +445,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{r['figure']:<19} {r['seconds']:8.3f} s/step  {what} {mem:6.2f} GiB  "
         f"(median of {r['steps']} after {r['warmup']} warm-up; {r['device']}, "
         f"PyTorch {r['torch']}, {r['threads']} threads, {r['dtype']}, {r['memory_format']}, "
-        f"--kernels {r['kernels']}, "
+        f"--kernels {r['kernels']}, allocator: {r.get('allocator', '?')}, "
         f"input {r['input']}, C={r['channels']}, {r['layers']} layers, "
         f"load {r['load_before']:.2f}->{r['load_after']:.2f})"
     )

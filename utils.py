@@ -174,13 +174,16 @@ MALLOC_ENV = (
     "MALLOC_TOP_PAD_",
     "GLIBC_TUNABLES",
 )
+# "glibc": leave glibc's allocator as it is; "keep" (or unset): keep_freed_memory acts.
+ALLOCATOR_ENV = "DARTS_CPU_ALLOCATOR"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (glibc's malloc.h)
 
 
 def keep_freed_memory() -> str | None:
     """On Linux with glibc, keep the memory of freed tensors in the process for reuse, as
     ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`` would. Returns what was done (a
-    line for the log), or None where nothing was: another C library, or any of MALLOC_ENV set.
+    line for the log), or None where nothing was: another C library, ``DARTS_CPU_ALLOCATOR=
+    glibc``, or any of MALLOC_ENV set. Raises ConfigError for another DARTS_CPU_ALLOCATOR.
 
     glibc serves each block above its mmap threshold (32 MiB at most) with a fresh mmap and
     unmaps it on free, so every large temporary of a CPU step (the supernet's stacked
@@ -189,18 +192,21 @@ def keep_freed_memory() -> str | None:
     The price: the process's memory is not handed back to the system until it exits (its
     peak changes little). For CPU runs only: a GPU run's large tensors are not in this heap.
     """
+    choice = os.environ.get(ALLOCATOR_ENV, "keep")
+    if choice not in ("keep", "glibc"):
+        raise ConfigError(f"{ALLOCATOR_ENV} must be keep or glibc, got {choice!r}")
     import ctypes
     import platform
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
-    if any(name in os.environ for name in MALLOC_ENV):
+    if choice == "glibc" or any(name in os.environ for name in MALLOC_ENV):
         return None
     libc = ctypes.CDLL(None)
     # mallopt returns 1 on success
     if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return None
-    return "freed memory is kept for reuse (glibc mallopt; set MALLOC_MMAP_MAX_ to choose)"
+    return f"freed memory is kept for reuse (glibc mallopt; {ALLOCATOR_ENV}=glibc to leave it)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,14 +300,18 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     elif args.dtype != "float32":
         raise SystemExit("benchmark.py: --dtype bfloat16 is for CUDA only")
-    allocator = "glibc default"
+    allocator = "glibc, as set"
     if device.type == "cpu":  # as a CPU run of the scripts sets it (engine.Run.open)
         try:
-            from utils import keep_freed_memory
+            from utils import ConfigError, keep_freed_memory
         except ImportError:  # a checkout from before it: glibc's default
             pass
         else:
-            allocator = "freed memory kept" if keep_freed_memory() else allocator
+            try:
+                kept = keep_freed_memory()
+            except ConfigError as e:
+                raise SystemExit(f"benchmark.py: {e}") from None
+            allocator = "freed memory kept" if kept else "glibc, as set"
     load_before = os.getloadavg()[0]
     step = _build_step(figure, args, device)
     autocast = _autocast(figure, args, device)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from utils import MALLOC_ENV
+from utils import ALLOCATOR_ENV, MALLOC_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ print(json.dumps({"done": done, "mmapped": libc.mallinfo2().hblkhd - before}))
 
 
 def probe(mode: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    clean = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV, ALLOCATOR_ENV)}
     res = subprocess.run(
         [sys.executable, "-c", PROBE, mode],
         cwd=ROOT,
@@ -55,13 +55,30 @@ def probe(mode: str, **env: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_freed_memory_is_kept_unless_the_user_chose_glibcs_settings():
+def test_freed_memory_is_kept_unless_the_user_chose_otherwise():
     mib64 = 64 * 2**20
     # glibc's default: the large tensor is a fresh mmap (handed back on free)
     assert probe("default")["mmapped"] >= mib64
     kept = probe("keep")
     assert kept["done"] and "kept for reuse" in kept["done"]
     assert kept["mmapped"] == 0  # from the heap, which keeps what is freed
-    # a user's own setting wins: nothing is changed
-    chosen = probe("keep", MALLOC_MMAP_MAX_="65536")
-    assert chosen["done"] is None and chosen["mmapped"] >= mib64
+    # the user's choice wins: DARTS_CPU_ALLOCATOR=glibc, or a setting of glibc's own
+    for env in ({ALLOCATOR_ENV: "glibc"}, {"MALLOC_MMAP_MAX_": "65536"}):
+        left = probe("keep", **env)
+        assert left["done"] is None and left["mmapped"] >= mib64, env
+
+
+def test_an_unknown_allocator_choice_is_refused_in_one_line(tmp_path):
+    env = {**os.environ, ALLOCATOR_ENV: "jemalloc", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "search.py"), "--name", "a", "--dataset", "digits"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard
+    )
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1
+    assert "DARTS_CPU_ALLOCATOR must be keep or glibc, got 'jemalloc'" in res.stderr
+    assert not (tmp_path / "searchs").exists()  # refused before anything is written

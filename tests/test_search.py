@@ -52,6 +52,7 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
     # a CPU run keeps freed memory for reuse (docs/scale.md), unless the user set glibc's own
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     chosen = any(name in os.environ for name in utils.MALLOC_ENV)
+    chosen |= os.environ.get(utils.ALLOCATOR_ENV) == "glibc"
     assert ("CPU allocator: freed memory is kept for reuse" in log) == (glibc and not chosen)
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))

@@ -12,10 +12,10 @@ against its twin, in float64 (values and gradients):
   (test_dense_grad_is_the_identity_with_a_dense_gradient);
 - depthwise convolution: :func:`depthwise_conv2d` = ``F.conv2d(x, w, ..., groups=C)``, on the
   pixel phases of a dilated conv (:func:`to_phases`, :func:`from_phases`, :func:`phases_apply`)
-  and with a weight gradient in column slices for kernels wider than 3
-  (:class:`_WideDepthwiseConv`, :func:`_depthwise_weight_grad`)
-  (test_depthwise_conv2d_equals_conv2d, test_phases_round_trip,
-  test_wide_depthwise_conv_is_twice_differentiable).
+  and with a weight gradient of its own (in column slices of the zero-padded input) for kernels
+  wider than 3 and maps smaller than the kernel (:class:`_DepthwiseConv`,
+  :func:`_depthwise_weight_grad`) (test_depthwise_conv2d_equals_conv2d, test_phases_round_trip,
+  test_depthwise_conv_is_twice_differentiable).
 
 Nothing here knows about DARTS: models/ops.py and the networks import from this module, never
 the other way round.
@@ -328,14 +328,25 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
 # groups=C); only the order in which float additions happen may differ (last bits). Measured on
 # a 2-core AVX-512 CPU, NHWC, batch 64 (docs/benchmarks.md): the backward of a dilated depthwise
 # conv is 5-8x slower than that of a dense one, 40-80x at stride 2, and the weight gradient of a
-# kernel wider than 3 columns is ~10x slower than that of a 3-wide one.
+# kernel wider than 3 columns is ~10x slower than that of a 3-wide one. oneDNN's weight gradient
+# of a 3x3 conv (padding 1) is slow on maps smaller than the kernel too: 6.6 ms on 64x256x2x2
+# against 0.21 ms taken on the zero-padded input with no padding, 17 ms against 3.5 ms on
+# 256x256x1x1 (the pixel phases of a 2x2 map; at 3x3 and larger maps oneDNN's is the faster).
 
 
-class _WideDepthwiseConv(torch.autograd.Function):
-    """F.conv2d(x, w, stride, padding, groups=C) for kernels wider than 3 columns, whose weight
-    gradient is assembled from column slices of at most 3 (see :func:`_depthwise_weight_grad`).
-    The forward and the input gradient are F.conv2d's own. Differentiable twice: the backward
-    is made of differentiable ops (the exact Hessian of the Architect goes through it)."""
+def _own_weight_grad(x: torch.Tensor, k: int, stride: int, padding: int) -> bool:
+    """Whether a depthwise conv (k x k, dilation 1) takes :class:`_DepthwiseConv`'s weight
+    gradient: for a kernel wider than 3, or an output map smaller than the kernel."""
+    h_out, w_out = ((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
+    return k > 3 or min(h_out, w_out) < k
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """F.conv2d(x, w, stride, padding, groups=C) whose weight gradient is assembled from column
+    slices of at most 3 of the zero-padded input (see :func:`_depthwise_weight_grad`), where
+    oneDNN's own is slow (:func:`_own_weight_grad`). The forward and the input gradient are
+    F.conv2d's own. Differentiable twice: the backward is made of differentiable ops (the exact
+    Hessian of the Architect goes through it)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -469,8 +480,8 @@ def depthwise_conv2d(
     A dilation-2 conv with "same" padding (padding = k - 1) only ever combines pixels of one
     parity. At stride 2 it reads only the even pixels: it is the dense conv (padding (k-1)/2)
     of x[:, :, ::2, ::2]. At stride 1 (CPU, even H, W) it is the dense conv of each of the four
-    pixel phases (:func:`to_phases`). On the CPU a kernel wider than 3 takes the custom weight
-    gradient of :class:`_WideDepthwiseConv`.
+    pixel phases (:func:`to_phases`). On the CPU a kernel wider than 3, or a map smaller than
+    the kernel, takes the weight gradient of :class:`_DepthwiseConv`.
     """
     k = weight.shape[-1]
     if not fast_kernels(x):
@@ -480,7 +491,7 @@ def depthwise_conv2d(
             x, stride, padding, dilation = x[:, :, ::2, ::2], 1, (k - 1) // 2, 1
         elif phases_apply(x, stride):
             return from_phases(depthwise_conv2d(to_phases(x), weight, 1, (k - 1) // 2, 1))
-    if dilation == 1 and weight.shape[-1] > 3:
+    if dilation == 1 and _own_weight_grad(x, weight.shape[-1], stride, padding):
         if not torch.is_autocast_enabled(x.device.type):
-            return cast(torch.Tensor, _WideDepthwiseConv.apply(x, weight, stride, padding))
+            return cast(torch.Tensor, _DepthwiseConv.apply(x, weight, stride, padding))
     return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])

@@ -76,7 +76,7 @@ CL = torch.channels_last
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("size", [8, 7, 2, 1])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last):
     from models.kernels import depthwise_conv2d, use_kernels
@@ -99,17 +99,35 @@ def test_depthwise_conv2d_equals_conv2d(k, dilation, stride, size, channels_last
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_wide_depthwise_conv_is_twice_differentiable():
+def test_depthwise_conv_is_twice_differentiable():
     """The exact Hessian of the Architect differentiates the weight gradient once more."""
-    from models.kernels import _WideDepthwiseConv
+    from models.kernels import _DepthwiseConv
 
     torch.manual_seed(0)
-    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
-    for stride in (1, 2):
-        f = lambda x, w, s=stride: _WideDepthwiseConv.apply(x, w, s, 2)  # noqa: E731
-        assert torch.autograd.gradcheck(f, (x, w))
-        assert torch.autograd.gradgradcheck(f, (x, w))
+    for k, size in ((5, 7), (3, 2)):  # a wide kernel; a map smaller than the kernel
+        x = torch.randn(2, 2, size, size, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(2, 1, k, k, dtype=torch.float64, requires_grad=True)
+        for stride in (1, 2):
+            f = lambda x, w, s=stride, p=k // 2: _DepthwiseConv.apply(x, w, s, p)  # noqa: E731
+            assert torch.autograd.gradcheck(f, (x, w))
+            assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize(
+    ("k", "size", "own"), [(5, 8, True), (3, 2, True), (3, 1, True), (3, 3, False), (3, 8, False)]
+)
+def test_depthwise_conv2d_takes_its_own_weight_gradient_where_onednns_is_slow(k, size, own):
+    """A kernel wider than 3 or a map smaller than the kernel: _DepthwiseConv (fast kernels);
+    otherwise F.conv2d's own backward."""
+    from models.kernels import depthwise_conv2d, use_kernels
+
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    w = torch.randn(3, 1, k, k, requires_grad=True)
+    with use_kernels("fast"):
+        out = depthwise_conv2d(x, w, 1, k // 2, 1)
+    assert ("_DepthwiseConv" in type(out.grad_fn).__name__) == own
+    with use_kernels("plain"):
+        assert "_DepthwiseConv" not in type(depthwise_conv2d(x, w, 1, k // 2, 1).grad_fn).__name__
 
 
 @pytest.mark.parametrize("size", [8, 7, 5])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from urllib.error import URLError
 
 import numpy as np
@@ -191,6 +194,27 @@ def test_digits_split_sizes_disjoint_and_stable():
         assert img.shape == (1, 8, 8) and img.dtype == torch.float32
         assert isinstance(label, int)
         assert set(preproc.get_targets(ds).tolist()) == set(range(10))
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """preproc.read_digits: load_digits' images and labels exactly, and a digits run's process
+    never imports scikit-learn (1.6 s of imports)."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images, labels = preproc.read_digits()
+    assert images.dtype == raw.images.dtype and np.array_equal(images, raw.images)
+    assert np.array_equal(labels, raw.target) and labels.dtype.kind == "i"
+    probe = (
+        "import sys, preproc; preproc.get_dataset('digits', '', train=True); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_digits_normalisation_and_targets():

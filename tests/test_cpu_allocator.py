@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from utils import ALLOCATOR_ENV, MALLOC_ENV
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from urllib.error import URLError
@@ -10,6 +9,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from datasets_fakes import (
     allow_fake_cifar10,
     fake_cifar10_arrays,
@@ -209,9 +209,8 @@ def test_digits_are_scikit_learns_read_without_importing_it():
         "import sys, preproc; preproc.get_dataset('digits', '', train=True); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run(
-        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"

@@ -194,8 +194,8 @@ def write_history(run: engine.Run, can_plot: bool) -> None:
         title = f"{kind} cell, epoch {epoch}"
         png = os.path.join(plots, f"epoch_{epoch:03d}-alphas-{kind}.png")
         visualize.plot_alpha_heatmap(last["alphas"][kind], gt.PRIMITIVES, title, png)
-        figure = visualize.heatmap_figure(last["alphas"][kind], gt.PRIMITIVES, title)
-        run.writer.add_figure(f"alphas/{kind}", figure, epoch)
+        # tensorboard gets the pixels just drawn: drawing the figure again took as long
+        run.writer.add_image(f"alphas/{kind}", visualize.read_png(png), epoch, dataformats="HWC")
     if can_plot:
         visualize.plot_genotype(
             gt.from_str(last["genotype"]), plots, f"Epoch {epoch}", f"epoch_{epoch:03d}-"

@@ -89,7 +89,7 @@ class NullWriter:
     def add_scalar(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def add_figure(self, *args: Any, **kwargs: Any) -> None:
+    def add_image(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def close(self) -> None:

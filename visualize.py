@@ -255,8 +255,7 @@ def heatmap_figure(
     """The alphas of one cell type as a heatmap: one row per edge ("3<-1": node 3 from input 1),
     one column per op. ``alphas[i]`` has shape (2 + i, n_ops), as
     ``SearchCNNController.softmax_alphas()`` and alphas.jsonl give them (already softmaxed);
-    pass ``softmax=True`` for raw alphas. Returns a matplotlib figure (for
-    ``writer.add_figure``)."""
+    pass ``softmax=True`` for raw alphas. Returns a matplotlib figure."""
     from matplotlib.figure import Figure
 
     w = _edge_matrix(alphas, len(primitives), softmax).numpy()
@@ -303,6 +302,16 @@ def plot_alpha_heatmap(
 ) -> str:
     """Write :func:`heatmap_figure` to the PNG ``out_path``; returns ``out_path``."""
     return _save_figure(heatmap_figure(alphas, primitives, title, softmax), out_path)
+
+
+def read_png(path: str) -> Any:
+    """The pixels of the PNG ``path`` as an (H, W, 3) uint8 array (e.g. for tensorboard's
+    ``add_image(..., dataformats="HWC")``: the image already drawn, not drawn again)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def op_weight_totals(history: Sequence[dict], kind: str) -> tuple[list[int], torch.Tensor]:

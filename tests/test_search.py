@@ -1,10 +1,13 @@
 """search.py end to end: what a user runs and what it promises to write."""
 
+import io
 import json
 import os
 import platform
+import struct
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_dot, run_script
@@ -13,6 +16,7 @@ from PIL import Image
 import genotypes as gt
 import search
 import utils
+import visualize
 from models.search_cnn import SearchCNNController
 
 TINY = ["--layers", "3", "--init_channels", "4", "--workers", "0"]
@@ -55,7 +59,15 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
     chosen |= os.environ.get(utils.ALLOCATOR_ENV) == "glibc"
     assert ("CPU allocator: freed memory is kept for reuse" in log) == (glibc and not chosen)
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+    # tensorboard: the scalars, and each epoch's alpha heatmaps, the pixels of their PNGs
+    images = tensorboard_images(run / "tb")
+    assert sorted(images) == [(f"alphas/{k}", e) for k in ("normal", "reduce") for e in (1, 2)]
+    for (tag, epoch), png in images.items():
+        kind = tag.split("/")[1]
+        with Image.open(io.BytesIO(png)) as logged:
+            pixels = np.asarray(logged.convert("RGB"))
+        drawn = run / "plots" / f"epoch_{epoch:03d}-alphas-{kind}.png"
+        assert np.array_equal(pixels, visualize.read_png(str(drawn))), (tag, epoch)
 
     alphas = [json.loads(ln) for ln in (run / "alphas.jsonl").read_text().splitlines()]
     assert [a["epoch"] for a in alphas] == [1, 2]
@@ -92,6 +104,25 @@ def test_search_cli_on_digits_writes_everything(tmp_path):
     assert "alpha_normal.0" in ckpt["model"] and "net.stem.0.weight" in ckpt["model"]
     for key in ("w_optim", "alpha_optim", "scheduler", "config", "best_top1", "rng"):
         assert key in ckpt
+
+
+def tensorboard_images(folder):
+    """{(tag, step): PNG bytes} of the image summaries in the tensorboard event files of
+    ``folder``, read record by record (TFRecord: length, its CRC, the Event, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    images = {}
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images[(value.tag, event.step)] = value.image.encoded_image_string
+    return images
 
 
 @pytest.mark.slow

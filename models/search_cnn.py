@@ -275,13 +275,12 @@ class SearchCell(Cell):
         self._init_per_edge()
         # The mixing weights of every group, taken from the cell type's weights in one call
         # (mixing()): each group's indices (EdgeGroup.weight_index), one after the other.
-        edge_rows: list[dict[int, int]] = [{} for _ in self.groups]
+        edge_rows = [[0] * cast(EdgeGroup, group).n_edges for group in self.groups]
         for row, (i, j) in enumerate(self.edges()):
             g, e = self.edge_group(i, j)
-            edge_rows[g][e] = row
+            edge_rows[g][e] = row  # the row of the group's edge e in the cell type's weights
         index = [
-            cast(EdgeGroup, group).weight_index([rows[e] for e in range(len(rows))])
-            for group, rows in zip(self.groups, edge_rows)
+            cast(EdgeGroup, group).weight_index(rows) for group, rows in zip(self.groups, edge_rows)
         ]
         self._mixing_shapes = [[tuple(t.shape) for t in group] for group in index]
         self._mixing_sizes = [t.numel() for group in index for t in group]

@@ -300,7 +300,7 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     elif args.dtype != "float32":
         raise SystemExit("benchmark.py: --dtype bfloat16 is for CUDA only")
-    allocator = "glibc, as set"
+    allocator = "PyTorch's CUDA caching allocator" if device.type == "cuda" else "glibc, as set"
     if device.type == "cpu":  # as a CPU run of the scripts sets it (engine.Run.open)
         try:
             from utils import ConfigError, keep_freed_memory
@@ -311,7 +311,8 @@ def measure(figure: str, args: argparse.Namespace) -> dict[str, Any]:
                 kept = keep_freed_memory()
             except ConfigError as e:
                 raise SystemExit(f"benchmark.py: {e}") from None
-            allocator = "freed memory kept" if kept else "glibc, as set"
+            if kept:
+                allocator = "freed memory kept"
     load_before = os.getloadavg()[0]
     step = _build_step(figure, args, device)
     autocast = _autocast(figure, args, device)

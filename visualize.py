@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -304,9 +304,10 @@ def plot_alpha_heatmap(
     return _save_figure(heatmap_figure(alphas, primitives, title, softmax), out_path)
 
 
-def read_png(path: str) -> Any:
-    """The pixels of the PNG ``path`` as an (H, W, 3) uint8 array (e.g. for tensorboard's
-    ``add_image(..., dataformats="HWC")``: the image already drawn, not drawn again)."""
+def read_png(path: str | BinaryIO) -> Any:
+    """The pixels of the PNG ``path`` (a file name or a binary file) as an (H, W, 3) uint8
+    array (e.g. for tensorboard's ``add_image(..., dataformats="HWC")``: the image already
+    drawn, not drawn again)."""
     import numpy as np
     from PIL import Image
 
